@@ -212,10 +212,12 @@ class Blip3Model(Blip3PreTrainedModel):
         text_embeds = self.get_input_embeddings()(input_ids)
         batch = input_ids.shape[0]
         per_sample: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        if pixel_values is not None and len(pixel_values) > 0:
+        images = None
+        if pixel_values is not None:
             images = self.collect_images(input_ids, pixel_values, image_sizes, num_images, num_tiles)
             if len(images.num_images) != batch:
                 raise ValueError(f"num_images covers {len(images.num_images)} samples, the batch has {batch}")
+        if images is not None and images.image_sizes:
             instructions = None
             if self.config.sampler_config.instruction_aware:
                 instructions = self.instruction_embeddings(text_embeds, attention_mask, images.num_images)
