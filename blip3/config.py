@@ -22,6 +22,8 @@ from typing import Any, Literal
 from transformers import AutoConfig, PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from blip3.processing.anyres import select_best_grid
+
 VisionTokenMode = Literal["anyres-patch", "anyres-fixed", "base"]
 VISION_TOKEN_MODES = ("anyres-patch", "anyres-fixed", "base")
 
@@ -134,6 +136,22 @@ class Blip3Config(PreTrainedConfig):
     @property
     def tokens_per_tile(self) -> int:
         return self.sampler_config.num_latents
+
+    def image_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(columns, rows) of sub-tiles for an image of size (W, H), by the original's best-canvas rule."""
+        return select_best_grid(image_size, tuple(map(tuple, self.anyres_grids)), self.image_size)
+
+    def num_tiles(self, image_size: tuple[int, int]) -> int:
+        """Tiles the processor cuts from an image of size (W, H): the global view plus the grid, or one view."""
+        if self.vision_token_mode == "base":
+            return 1
+        cols, rows = self.image_grid(image_size)
+        return 1 + cols * rows
+
+    def num_vision_tokens(self, image_size: tuple[int, int]) -> int:
+        """LM positions an image of size (W, H) takes once spliced."""
+        per_image = self.num_tiles(image_size) if self.vision_token_mode == "anyres-patch" else 1
+        return per_image * self.sampler_config.num_latents
 
     @property
     def ignored_label_ids(self) -> list[int]:

@@ -30,7 +30,7 @@ def tiny_model(seed: int = 0, **overrides) -> Blip3ForConditionalGeneration:
 
 
 def random_tiles(model, size, generator=None) -> torch.Tensor:
-    n = model.model.expected_tiles(size)
+    n = model.config.num_tiles(size)
     s = model.config.image_size
     return torch.rand(n, 3, s, s, generator=generator) * 2 - 1
 

@@ -37,7 +37,6 @@ from blip3.modeling.anyres import group_anyres_patches, merge_anyres_fixed
 from blip3.modeling.sampler import PerceiverLayer, TokenSampler
 from blip3.modeling.splice import IGNORE_INDEX, SplicedInputs, splice_vision_tokens
 from blip3.modeling.text import DecoupledEmbedding, DecoupledLMHead
-from blip3.processing.anyres import select_best_grid
 
 
 @dataclass
@@ -115,10 +114,6 @@ class Blip3Model(Blip3PreTrainedModel):
         hidden = tower.encoder(inputs_embeds=hidden).last_hidden_state
         return tower.post_layernorm(hidden)
 
-    def image_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """(columns, rows) of sub-tiles the processor cut this image into (the model re-derives it from (W, H))."""
-        return select_best_grid(image_size, tuple(map(tuple, self.config.anyres_grids)), self.config.image_size)
-
     def get_image_features(self, images: ImageBatch, instructions: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Vision tokens per image, each [n_k, d_llm], in batch order.
 
@@ -131,7 +126,7 @@ class Blip3Model(Blip3PreTrainedModel):
 
         if mode == "anyres-fixed":  # one variable-length sequence per image, resampled once
             media = [
-                merge_anyres_fixed(f, size, self.image_grid(size), cells) if len(f) > 1 else f[0]
+                merge_anyres_fixed(f, size, cfg.image_grid(size), cells) if len(f) > 1 else f[0]
                 for f, size in zip(features, images.image_sizes)
             ]
             lengths = torch.tensor([len(m) for m in media], device=features[0].device)
@@ -145,7 +140,7 @@ class Blip3Model(Blip3PreTrainedModel):
                     groups.append(f)
                     masks.append(torch.ones(f.shape[:2], dtype=torch.bool, device=f.device))
                 else:
-                    g, m = group_anyres_patches(f, size, self.image_grid(size), cells, cfg.stripe_regrouping)
+                    g, m = group_anyres_patches(f, size, cfg.image_grid(size), cells, cfg.stripe_regrouping)
                     groups.append(g)
                     masks.append(m)
             media, media_mask = torch.cat(groups), torch.cat(masks)
@@ -182,7 +177,7 @@ class Blip3Model(Blip3PreTrainedModel):
             if sum(num_images) != len(image_sizes):
                 raise ValueError(f"{sum(num_images)} <image> tokens in the batch but {len(image_sizes)} images given")
         num_images = [int(n) for n in num_images]
-        expected_tiles = [self.expected_tiles(size) for size in image_sizes]
+        expected_tiles = [self.config.num_tiles(size) for size in image_sizes]
         num_tiles = expected_tiles if num_tiles is None else [int(n) for n in num_tiles]
         for k, (got, want, size) in enumerate(zip(num_tiles, expected_tiles, image_sizes)):
             if got != want:
@@ -190,12 +185,6 @@ class Blip3Model(Blip3PreTrainedModel):
         if pixel_values is not None and len(pixel_values) != sum(num_tiles):
             raise ValueError(f"pixel_values holds {len(pixel_values)} tiles but the images need {sum(num_tiles)}")
         return ImageBatch(pixel_values, image_sizes, num_tiles, num_images)
-
-    def expected_tiles(self, image_size: tuple[int, int]) -> int:
-        if self.config.vision_token_mode == "base":
-            return 1
-        cols, rows = self.image_grid(image_size)
-        return 1 + cols * rows
 
     def embed_inputs(
         self,
@@ -300,11 +289,13 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Also reads the released xGen-MM checkpoints (official layout, `vlm.*` keys) — no remote code."""
-        if kwargs.get("config") is None:
-            official = read_official_config(pretrained_model_name_or_path)
-            if official is not None:
-                kwargs.update(official_loading_kwargs(official))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        official = read_official_config(pretrained_model_name_or_path) if kwargs.get("config") is None else None
+        if official is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **official_loading_kwargs(official), **kwargs)
+        # transformers replays the load-time renaming backwards on save; ours must save under our own names
+        model._weight_conversions = None
+        return model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

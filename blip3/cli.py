@@ -1,0 +1,129 @@
+"""`blip3`: one command, one sub-command per job.
+
+    blip3 info      configuration, parameters per part, vision tokens per image size (no weights loaded)
+    blip3 convert   official xGen-MM layout ⇄ blip3's own
+    blip3 generate  one prompt with one or more images -> text
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _load_config(args):
+    """The config of `--preset NAME` or of a checkpoint folder (official or ours), without any weights."""
+    from blip3.config import Blip3Config, preset
+    from blip3.interop.xgenmm import config_from_official, read_official_config
+
+    if args.preset:
+        return preset(args.preset)
+    if not args.checkpoint:
+        raise SystemExit("blip3 info: give a CHECKPOINT folder or --preset NAME")
+    official = read_official_config(args.checkpoint)
+    return config_from_official(official) if official is not None else Blip3Config.from_pretrained(args.checkpoint)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must look like 640x480 (W x H), got {text!r}") from None
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    return width, height
+
+
+def cmd_info(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from blip3.modeling.model import Blip3ForConditionalGeneration
+
+    config = _load_config(args)
+    with torch.device("meta"):  # shapes only: counting 4B parameters allocates nothing
+        model = Blip3ForConditionalGeneration(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    vision, text, sampler = config.vision_config, config.text_config, config.sampler_config
+
+    console = Console()
+    parts = Table(title="blip3 model", show_edge=False)
+    for column in ("part", "architecture", "parameters", "trainable"):
+        parts.add_column(column, justify="right" if column in ("parameters",) else "left")
+    parts.add_row(
+        "vision tower",
+        f"{vision.model_type} {vision.hidden_size}d × {vision.num_hidden_layers}, {vision.image_size}px/{vision.patch_size}",
+        f"{count(model.model.vision_tower):,}", "frozen",
+    )
+    parts.add_row(
+        "token sampler",
+        f"perceiver {sampler.input_dim}→{sampler.output_dim}, {sampler.num_latents} latents × {sampler.depth}",
+        f"{count(model.model.token_sampler):,}", "yes",
+    )
+    parts.add_row(
+        "language model",
+        f"{text.model_type} {text.hidden_size}d × {text.num_hidden_layers}, vocab {config.vocab_size:,}",
+        f"{count(model.model.language_model) + count(model.lm_head):,}", "yes",
+    )
+    parts.add_row("total", "", f"{count(model):,}", "")
+    console.print(parts)
+    console.print(
+        f"vision tokens: mode [bold]{config.vision_token_mode}[/], grids (cols×rows) "
+        f"{', '.join(f'{c}×{r}' for c, r in config.anyres_grids)}, stripe regrouping {config.stripe_regrouping}"
+    )
+    if args.image_size:
+        sizes = Table(show_edge=False)
+        for column in ("image (W×H)", "grid", "tiles", "vision tokens"):
+            sizes.add_column(column)
+        for size in args.image_size:
+            cols, rows = config.image_grid(size)
+            grid = "—" if config.vision_token_mode == "base" else f"{cols}×{rows}"
+            sizes.add_row(f"{size[0]}×{size[1]}", grid, str(config.num_tiles(size)), str(config.num_vision_tokens(size)))
+        console.print(sizes)
+
+
+def cmd_convert(args) -> None:
+    from blip3.interop.xgenmm import read_official_config, save_official
+    from blip3.modeling.model import Blip3ForConditionalGeneration
+
+    source_is_official = read_official_config(args.source) is not None
+    target = args.to or ("blip3" if source_is_official else "official")
+    dtype = getattr(torch, args.dtype) if args.dtype else "auto"
+    model = Blip3ForConditionalGeneration.from_pretrained(args.source, dtype=dtype)
+    if target == "official":
+        save_official(model, args.destination, max_shard_size=args.max_shard_size)
+    else:
+        model.save_pretrained(args.destination, max_shard_size=args.max_shard_size)
+    print(f"wrote {target} checkpoint to {args.destination} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="configuration, parameter counts, vision tokens per image size")
+    info.add_argument("checkpoint", nargs="?", help="a checkpoint folder (official xGen-MM or blip3)")
+    info.add_argument("--preset", help="a named configuration instead of a checkpoint (e.g. xgen-mm-phi3-mini-v1.5)")
+    info.add_argument("--image-size", type=_parse_size, action="append", metavar="WxH", help="report vision tokens for this image size (repeatable)")
+    info.set_defaults(run=cmd_info)
+
+    convert = commands.add_parser("convert", help="official xGen-MM layout <-> blip3 layout")
+    convert.add_argument("source", help="checkpoint folder or hub id")
+    convert.add_argument("destination", type=Path)
+    convert.add_argument("--to", choices=["blip3", "official"], help="default: the other layout than the source's")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: keep the stored dtype")
+    convert.add_argument("--max-shard-size", default="5GB")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
