@@ -22,8 +22,6 @@ from typing import Any, Literal
 from transformers import AutoConfig, PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from blip3.processing.anyres import select_best_grid
-
 VisionTokenMode = Literal["anyres-patch", "anyres-fixed", "base"]
 VISION_TOKEN_MODES = ("anyres-patch", "anyres-fixed", "base")
 
@@ -139,6 +137,8 @@ class Blip3Config(PreTrainedConfig):
 
     def image_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(columns, rows) of sub-tiles for an image of size (W, H), by the original's best-canvas rule."""
+        from blip3.processing.anyres import select_best_grid  # here: blip3.processing imports this module
+
         return select_best_grid(image_size, tuple(map(tuple, self.anyres_grids)), self.image_size)
 
     def num_tiles(self, image_size: tuple[int, int]) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -34,7 +33,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from blip3.config import Blip3Config
 from blip3.interop.xgenmm import official_loading_kwargs, read_official_config
 from blip3.modeling.anyres import group_anyres_patches, merge_anyres_fixed
-from blip3.modeling.sampler import PerceiverLayer, TokenSampler
+from blip3.modeling.loss import linear_cross_entropy
+from blip3.modeling.sampler import TokenSampler
 from blip3.modeling.splice import IGNORE_INDEX, SplicedInputs, splice_vision_tokens
 from blip3.modeling.text import DecoupledEmbedding, DecoupledLMHead
 
@@ -372,8 +372,12 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
         ignored = torch.tensor(self.config.ignored_label_ids, device=labels.device)
         targets = labels[:, 1:].masked_fill(torch.isin(labels[:, 1:], ignored), IGNORE_INDEX)
         supervised = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden_states[:, :-1][supervised]).float()  # [n_supervised, V]: no full-vocab tensor
-        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        head, added = self.lm_head, self.lm_head.additional_fc
+        loss = linear_cross_entropy(  # logits only at supervised positions, never all at once
+            hidden_states[:, :-1][supervised], head.weight, head.bias,
+            added.weight if added is not None else None, added.bias if added is not None else None,
+            targets[supervised], head.num_base,
+        )
         if num_items_in_batch is None:
             num_items_in_batch = supervised.sum().clamp(min=1)
         return loss / num_items_in_batch
