@@ -22,8 +22,11 @@ from typing import Any, Literal
 from transformers import AutoConfig, PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from blip3.processing import anyres
+
 VisionTokenMode = Literal["anyres-patch", "anyres-fixed", "base"]
 VISION_TOKEN_MODES = ("anyres-patch", "anyres-fixed", "base")
+IGNORE_INDEX = -100  # the label of positions the loss skips (PyTorch's and transformers' convention)
 
 
 class Blip3SamplerConfig(PreTrainedConfig):
@@ -135,23 +138,23 @@ class Blip3Config(PreTrainedConfig):
     def tokens_per_tile(self) -> int:
         return self.sampler_config.num_latents
 
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(cols), int(rows)) for cols, rows in self.anyres_grids)
+
     def image_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(columns, rows) of sub-tiles for an image of size (W, H), by the original's best-canvas rule."""
-        from blip3.processing.anyres import select_best_grid  # here: blip3.processing imports this module
-
-        return select_best_grid(image_size, tuple(map(tuple, self.anyres_grids)), self.image_size)
+        return anyres.select_best_grid(image_size, self.grids, self.image_size)
 
     def num_tiles(self, image_size: tuple[int, int]) -> int:
-        """Tiles the processor cuts from an image of size (W, H): the global view plus the grid, or one view."""
-        if self.vision_token_mode == "base":
-            return 1
-        cols, rows = self.image_grid(image_size)
-        return 1 + cols * rows
+        """Tiles the processor cuts from an image of size (W, H)."""
+        return anyres.count_tiles(image_size, self.vision_token_mode, self.grids, self.image_size)
 
     def num_vision_tokens(self, image_size: tuple[int, int]) -> int:
         """LM positions an image of size (W, H) takes once spliced."""
-        per_image = self.num_tiles(image_size) if self.vision_token_mode == "anyres-patch" else 1
-        return per_image * self.sampler_config.num_latents
+        return anyres.count_vision_tokens(
+            image_size, self.vision_token_mode, self.grids, self.image_size, self.sampler_config.num_latents
+        )
 
     @property
     def ignored_label_ids(self) -> list[int]:

@@ -30,12 +30,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from blip3.config import Blip3Config
+from blip3.config import IGNORE_INDEX, Blip3Config
 from blip3.interop.xgenmm import official_loading_kwargs, read_official_config
 from blip3.modeling.anyres import group_anyres_patches, merge_anyres_fixed
 from blip3.modeling.loss import linear_cross_entropy
 from blip3.modeling.sampler import TokenSampler
-from blip3.modeling.splice import IGNORE_INDEX, SplicedInputs, splice_vision_tokens
+from blip3.modeling.splice import SplicedInputs, splice_vision_tokens
 from blip3.modeling.text import DecoupledEmbedding, DecoupledLMHead
 
 

@@ -43,6 +43,26 @@ def select_best_grid(image_size: Size, grids: tuple[tuple[int, int], ...], base:
     return best
 
 
+def count_tiles(image_size: Size, mode: str, grids: tuple[tuple[int, int], ...], base: int) -> int:
+    """Tiles an image is cut into: the global view plus one per grid cell, or the one view of `base` mode."""
+    if mode == "base":
+        return 1
+    cols, rows = select_best_grid(image_size, grids, base)
+    return 1 + cols * rows
+
+
+def count_vision_tokens(
+    image_size: Size, mode: str, grids: tuple[tuple[int, int], ...], base: int, num_latents: int
+) -> int:
+    """LM positions an image takes once its `<image>` is expanded.
+
+    anyres-patch resamples every tile (global view included) to `num_latents` tokens; anyres-fixed and
+    base resample the whole image once.
+    """
+    per_image = count_tiles(image_size, mode, grids, base) if mode == "anyres-patch" else 1
+    return per_image * num_latents
+
+
 @dataclass(frozen=True)
 class AnyResPlan:
     """Where an image lands on its canvas, in pixels."""
@@ -83,14 +103,28 @@ def anyres_tiles(image: Image.Image, plan: AnyResPlan) -> np.ndarray:
     Equivalent to the original's PIL paste + crop per tile, but cuts one numpy canvas instead.
     PIL's bicubic resize is kept: any other resizer gives different pixels.
     """
+    return tiles_from_views(squashed_view(image, plan.base)[0], resized_view(image, plan), plan)
+
+
+def resized_view(image: Image.Image, plan: AnyResPlan) -> np.ndarray:
+    """uint8 [H', W', 3]: the image resized to `plan.resized`, before letterboxing."""
+    return np.asarray(image.resize(plan.resized, Image.Resampling.BICUBIC))
+
+
+def tiles_from_views(global_view: np.ndarray, resized: np.ndarray, plan: AnyResPlan) -> np.ndarray:
+    """Letterbox `resized` (from `resized_view`) and cut it into tiles after `global_view`.
+
+    The two resizes are separate functions so that a caller can run them in parallel threads
+    (PIL releases the GIL while resampling); `anyres_tiles` is the one-call form.
+    """
     base = plan.base
     cols, rows = plan.grid
     canvas = np.zeros((rows * base, cols * base, 3), dtype=np.uint8)  # black letterbox
     x, y = plan.offset
     new_w, new_h = plan.resized
-    canvas[y : y + new_h, x : x + new_w] = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    canvas[y : y + new_h, x : x + new_w] = resized
     tiles = np.empty((1 + rows * cols, base, base, 3), dtype=np.uint8)
-    tiles[0] = np.asarray(image.resize((base, base), Image.Resampling.BICUBIC))
+    tiles[0] = global_view
     # [rows·base, cols·base, 3] -> [rows, cols, base, base, 3]: row-major tile order
     tiles[1:] = canvas.reshape(rows, base, cols, base, 3).swapaxes(1, 2).reshape(-1, base, base, 3)
     return tiles
