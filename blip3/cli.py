@@ -3,6 +3,7 @@
     blip3 info      configuration, parameters per part, vision tokens per image size (no weights loaded)
     blip3 convert   official xGen-MM layout ⇄ blip3's own
     blip3 generate  one prompt with one or more images -> text
+    blip3 demo      the inference path end to end on a tiny model, offline
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    from blip3.factory import has_tokenizer, load_processor
     from blip3.interop.xgenmm import read_official_config, save_official
     from blip3.modeling.model import Blip3ForConditionalGeneration
 
@@ -97,7 +99,43 @@ def cmd_convert(args) -> None:
         save_official(model, args.destination, max_shard_size=args.max_shard_size)
     else:
         model.save_pretrained(args.destination, max_shard_size=args.max_shard_size)
-    print(f"wrote {target} checkpoint to {args.destination} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    if has_tokenizer(args.source):
+        processor = load_processor(args.source, model.config)
+        # the released folders carry the tokenizer only; ours carry the whole processor
+        (processor.tokenizer if target == "official" else processor).save_pretrained(args.destination)
+    else:
+        print(f"note: {args.source} has no tokenizer, so {args.destination} has none either")
+    print(f"wrote a {target} checkpoint of {sum(p.numel() for p in model.parameters()):,} parameters to {args.destination}")
+
+
+def cmd_generate(args) -> None:
+    from transformers import TextStreamer
+
+    from blip3.factory import load_pretrained
+
+    model, processor = load_pretrained(args.checkpoint)
+    model.eval()
+    prompt = args.prompt
+    if args.image and "<image>" not in prompt:
+        prompt = "<image>\n" * len(args.image) + prompt  # as the original SFT data places a lone image
+    conversation = [{"role": "user", "content": prompt}]
+    if args.system is not None:
+        conversation.insert(0, {"role": "system", "content": args.system})
+    inputs = processor.process_conversations(conversation, args.image or None, add_generation_prompt=True)
+    streamer = None if args.no_stream else TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    new_tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    if args.no_stream:
+        print(processor.decode_generated(new_tokens)[0])
+
+
+def cmd_demo(args) -> None:
+    from blip3.quickstart import run
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    run(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: keep the stored dtype")
     convert.add_argument("--max-shard-size", default="5GB")
     convert.set_defaults(run=cmd_convert)
+
+    generate = commands.add_parser("generate", help="answer one prompt about one or more images")
+    generate.add_argument("checkpoint", help="checkpoint folder or hub id (official xGen-MM or blip3)")
+    generate.add_argument("--prompt", required=True, help="the question; put <image> where each image goes (default: all first)")
+    generate.add_argument("--image", action="append", metavar="PATH", help="an image file (repeatable, in <image> order)")
+    generate.add_argument("--system", help="system prompt (default: the xGen-MM one)")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming it")
+    generate.set_defaults(run=cmd_generate)
+
+    demo = commands.add_parser("demo", help="the inference path end to end on a tiny model (offline, seconds)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo writes its checkpoint")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 
