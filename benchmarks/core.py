@@ -208,7 +208,33 @@ def main() -> None:
         results[case] = runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n")
+    print(summary_table(results))
+
+
+def summary_table(results: dict) -> str:
+    """Markdown rows: median over rounds of each implementation, and their ratio."""
+    metrics = {"a": ("ms_per_image", "ms / image"), "b": ("s_per_step", "s / step"), "c": ("s_per_generation", "s / generation")}
+    rows = ["| case | metric | original-style | blip3 | speed-up | blip3 peak RSS |", "|---|---|---|---|---|---|"]
+    for case, (key, unit) in metrics.items():
+        if case not in results:
+            continue
+        median = {impl: statistics.median(run[key] for run in runs) for impl, runs in results[case].items()}
+        rss = statistics.median(run["peak_rss_mib"] for run in results[case]["blip3"])
+        rows.append(
+            f"| ({case}) | {unit} | {median['original']:.3g} | {median['blip3']:.3g} | "
+            f"{median['original'] / median['blip3']:.2f}× | {rss:.0f} MiB |"
+        )
+    if "b" in results:
+        runs = results["b"]["blip3"]
+        gflop = runs[0]["gflop"]
+        seconds = statistics.median(run["s_per_step"] for run in runs)
+        peak = results["matmul_peak_gflop_s"]
+        rows.append(
+            f"\n(b) blip3 does {gflop:.0f} GFLOP per step (original-style: {results['b']['original'][0]['gflop']:.0f}); "
+            f"{gflop / seconds:.0f} GFLOP/s = {100 * gflop / seconds / peak:.0f}% of the {peak:.0f} GFLOP/s matmul peak."
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Importing the package registers its classes with transformers' Auto classes, so 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from blip3.config import IGNORE_INDEX, Blip3Config, Blip3SamplerConfig, preset
+from blip3.factory import create, load_pretrained
 from blip3.modeling.model import Blip3ForConditionalGeneration, Blip3Model
 from blip3.processing.chat import XGENMM_SYSTEM_PROMPT
 from blip3.processing.image import Blip3ImageProcessor, ImageError, load_image
@@ -35,6 +36,8 @@ __all__ = [
     "ImageError",
     "add_xgenmm_special_tokens",
     "build_tokenizer",
+    "create",
     "load_image",
+    "load_pretrained",
     "preset",
 ]

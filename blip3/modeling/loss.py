@@ -29,10 +29,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             heads.append((added_weight, added_bias, num_base))
         grads = [
             torch.empty_like(hidden) if need[0] else None,
-            torch.zeros_like(weight) if need[1] else None,
-            torch.zeros_like(bias) if bias is not None and need[2] else None,
-            torch.zeros_like(added_weight) if added_weight is not None and need[3] else None,
-            torch.zeros_like(added_bias) if added_bias is not None and need[4] else None,
+            _unused_rows_zeroed(weight, num_base) if need[1] else None,
+            _unused_rows_zeroed(bias, num_base) if bias is not None and need[2] else None,
+            torch.empty_like(added_weight) if added_weight is not None and need[3] else None,
+            torch.empty_like(added_bias) if added_bias is not None and need[4] else None,
         ]
         grad_weights = [(grads[1], grads[2]), (grads[3], grads[4])]
         softmax_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits softmax in fp32
@@ -55,19 +55,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not any(need):
                 continue
             grad_h = grads[0][start : start + chunk] if grads[0] is not None else None
-            if grad_h is not None:
-                grad_h.zero_()
-            for logits, (w, _, offset), (grad_w, grad_b) in zip(parts, heads, grad_weights):
+            first_chunk = start == 0
+            for part, (logits, (w, _, offset), (grad_w, grad_b)) in enumerate(zip(parts, heads, grad_weights)):
                 logits.div_(total)  # softmax minus the one-hot target = d(summed loss)/d(logits)
                 mine = (t >= offset) & (t < offset + len(w))
                 logits[mine.nonzero().squeeze(1), t[mine] - offset] -= 1
                 logits = logits.to(h.dtype)
+                # `out=` forms write the gradients in place (no zero-filled buffers, no extra adds) and are
+                # still the matmuls that FLOP counters see
                 if grad_h is not None:
-                    grad_h.addmm_(logits, w)
+                    _mm_into(grad_h, logits, w, accumulate=part > 0)
                 if grad_w is not None:
-                    grad_w[: len(w)].addmm_(logits.T, h)
+                    _mm_into(grad_w[: len(w)], logits.T, h, accumulate=not first_chunk)
                 if grad_b is not None:
-                    grad_b[: len(w)] += logits.sum(0)
+                    if first_chunk:
+                        torch.sum(logits, 0, out=grad_b[: len(w)])
+                    else:
+                        grad_b[: len(w)] += logits.sum(0)
         ctx.grads = grads
         return loss
 
@@ -76,6 +80,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.grads]
         ctx.grads = None
         return (*grads, None, None, None)
+
+
+def _unused_rows_zeroed(tensor: torch.Tensor, num_base: int) -> torch.Tensor:
+    """A gradient buffer for a head tensor whose rows past `num_base` are never used: those rows are 0."""
+    grad = torch.empty_like(tensor)
+    grad[num_base:] = 0
+    return grad
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        torch.addmm(out, a, b, out=out)
+    else:
+        torch.mm(a, b, out=out)
 
 
 def linear_cross_entropy(
