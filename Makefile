@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test test-slow bench clean
+.PHONY: env demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: env  ## the fast suite (CI runs this)
 
 test-slow: env  ## tests marked slow
 	$(PY) -m pytest -q -m slow
+
+lint: env  ## style and import order (ruff)
+	$(VENV)/bin/ruff check blip3 tests benchmarks
+	$(VENV)/bin/ruff format --check blip3 tests benchmarks
 
 bench: env  ## speed and memory benchmarks; results go to benchmarks/README.md
 	$(PY) benchmarks/core.py

@@ -22,7 +22,18 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SIZES = [(300, 300), (640, 480), (1200, 300), (300, 1200), (800, 400), (1024, 768), (480, 640), (1920, 1080), (224, 224), (500, 1000)]
+SIZES = [
+    (300, 300),
+    (640, 480),
+    (1200, 300),
+    (300, 1200),
+    (800, 400),
+    (1024, 768),
+    (480, 640),
+    (1920, 1080),
+    (224, 224),
+    (500, 1000),
+]
 BATCH, TEXT_TOKENS, TRAIN_IMAGE = 4, 256, (640, 480)  # (b): 4 × (1 image → 5 tiles + 256 text tokens)
 NEW_TOKENS, PROMPT_TOKENS = 32, 32  # (c): 32 greedy tokens after a 32-token prompt with one 5-tile image
 
@@ -197,14 +208,21 @@ def main() -> None:
     if args.worker:
         return worker(args.case[0], args.impl, args.repeats or REPEATS[args.case[0]])
 
-    results = {"machine": platform.processor() or platform.machine(), "threads": 2, "matmul_peak_gflop_s": matmul_peak()}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": 2,
+        "matmul_peak_gflop_s": matmul_peak(),
+    }
     print(f"fp32 matmul peak on 2 threads: {results['matmul_peak_gflop_s']:.0f} GFLOP/s", flush=True)
     for case in args.case or sorted(CASES):
         runs = {"blip3": [], "original": []}
         for _ in range(args.rounds):
             for impl in ("original", "blip3"):
                 runs[impl].append(run_one(case, impl))
-                print(f"({case}) {impl:8s} {json.dumps({k: v for k, v in runs[impl][-1].items() if not k.startswith('all')})}", flush=True)
+                print(
+                    f"({case}) {impl:8s} {json.dumps({k: v for k, v in runs[impl][-1].items() if not k.startswith('all')})}",
+                    flush=True,
+                )
         results[case] = runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -214,7 +232,11 @@ def main() -> None:
 
 def summary_table(results: dict) -> str:
     """Markdown rows: median over rounds of each implementation, and their ratio."""
-    metrics = {"a": ("ms_per_image", "ms / image"), "b": ("s_per_step", "s / step"), "c": ("s_per_generation", "s / generation")}
+    metrics = {
+        "a": ("ms_per_image", "ms / image"),
+        "b": ("s_per_step", "s / step"),
+        "c": ("s_per_generation", "s / generation"),
+    }
     rows = ["| case | metric | original-style | blip3 | speed-up | blip3 peak RSS |", "|---|---|---|---|---|---|"]
     for case, (key, unit) in metrics.items():
         if case not in results:

@@ -1,9 +1,9 @@
 """`blip3`: one command, one sub-command per job.
 
-    blip3 info      configuration, parameters per part, vision tokens per image size (no weights loaded)
-    blip3 convert   official xGen-MM layout ⇄ blip3's own
-    blip3 generate  one prompt with one or more images -> text
-    blip3 demo      the inference path end to end on a tiny model, offline
+blip3 info      configuration, parameters per part, vision tokens per image size (no weights loaded)
+blip3 convert   official xGen-MM layout ⇄ blip3's own
+blip3 generate  one prompt with one or more images -> text
+blip3 demo      the inference path end to end on a tiny model, offline
 """
 
 from __future__ import annotations
@@ -57,17 +57,20 @@ def cmd_info(args) -> None:
     parts.add_row(
         "vision tower",
         f"{vision.model_type} {vision.hidden_size}d × {vision.num_hidden_layers}, {vision.image_size}px/{vision.patch_size}",
-        f"{count(model.model.vision_tower):,}", "frozen",
+        f"{count(model.model.vision_tower):,}",
+        "frozen",
     )
     parts.add_row(
         "token sampler",
         f"perceiver {sampler.input_dim}→{sampler.output_dim}, {sampler.num_latents} latents × {sampler.depth}",
-        f"{count(model.model.token_sampler):,}", "yes",
+        f"{count(model.model.token_sampler):,}",
+        "yes",
     )
     parts.add_row(
         "language model",
         f"{text.model_type} {text.hidden_size}d × {text.num_hidden_layers}, vocab {config.vocab_size:,}",
-        f"{count(model.model.language_model) + count(model.lm_head):,}", "yes",
+        f"{count(model.model.language_model) + count(model.lm_head):,}",
+        "yes",
     )
     parts.add_row("total", "", f"{count(model):,}", "")
     console.print(parts)
@@ -82,7 +85,9 @@ def cmd_info(args) -> None:
         for size in args.image_size:
             cols, rows = config.image_grid(size)
             grid = "—" if config.vision_token_mode == "base" else f"{cols}×{rows}"
-            sizes.add_row(f"{size[0]}×{size[1]}", grid, str(config.num_tiles(size)), str(config.num_vision_tokens(size)))
+            sizes.add_row(
+                f"{size[0]}×{size[1]}", grid, str(config.num_tiles(size)), str(config.num_vision_tokens(size))
+            )
         console.print(sizes)
 
 
@@ -105,7 +110,9 @@ def cmd_convert(args) -> None:
         (processor.tokenizer if target == "official" else processor).save_pretrained(args.destination)
     else:
         print(f"note: {args.source} has no tokenizer, so {args.destination} has none either")
-    print(f"wrote a {target} checkpoint of {sum(p.numel() for p in model.parameters()):,} parameters to {args.destination}")
+    print(
+        f"wrote a {target} checkpoint of {sum(p.numel() for p in model.parameters()):,} parameters to {args.destination}"
+    )
 
 
 def cmd_generate(args) -> None:
@@ -123,7 +130,11 @@ def cmd_generate(args) -> None:
         conversation.insert(0, {"role": "system", "content": args.system})
     inputs = processor.process_conversations(conversation, args.image or None, add_generation_prompt=True)
     streamer = None if args.no_stream else TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        if args.temperature > 0
+        else dict(do_sample=False)
+    )
     if args.seed is not None:
         torch.manual_seed(args.seed)
     new_tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
@@ -139,13 +150,21 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="blip3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="configuration, parameter counts, vision tokens per image size")
     info.add_argument("checkpoint", nargs="?", help="a checkpoint folder (official xGen-MM or blip3)")
     info.add_argument("--preset", help="a named configuration instead of a checkpoint (e.g. xgen-mm-phi3-mini-v1.5)")
-    info.add_argument("--image-size", type=_parse_size, action="append", metavar="WxH", help="report vision tokens for this image size (repeatable)")
+    info.add_argument(
+        "--image-size",
+        type=_parse_size,
+        action="append",
+        metavar="WxH",
+        help="report vision tokens for this image size (repeatable)",
+    )
     info.set_defaults(run=cmd_info)
 
     convert = commands.add_parser("convert", help="official xGen-MM layout <-> blip3 layout")
@@ -158,14 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="answer one prompt about one or more images")
     generate.add_argument("checkpoint", help="checkpoint folder or hub id (official xGen-MM or blip3)")
-    generate.add_argument("--prompt", required=True, help="the question; put <image> where each image goes (default: all first)")
-    generate.add_argument("--image", action="append", metavar="PATH", help="an image file (repeatable, in <image> order)")
+    generate.add_argument(
+        "--prompt", required=True, help="the question; put <image> where each image goes (default: all first)"
+    )
+    generate.add_argument(
+        "--image", action="append", metavar="PATH", help="an image file (repeatable, in <image> order)"
+    )
     generate.add_argument("--system", help="system prompt (default: the xGen-MM one)")
     generate.add_argument("--max-new-tokens", type=int, default=256)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
-    generate.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming it")
+    generate.add_argument(
+        "--no-stream", action="store_true", help="print the answer at the end instead of streaming it"
+    )
     generate.set_defaults(run=cmd_generate)
 
     demo = commands.add_parser("demo", help="the inference path end to end on a tiny model (offline, seconds)")

@@ -110,10 +110,14 @@ class Blip3Config(PreTrainedConfig):
                 f"initial_tokenizer_len ({self.initial_tokenizer_len}) exceeds the LM's embedding rows "
                 f"(text_config.vocab_size = {self.text_config.vocab_size})"
             )
-        added = [self.image_token_id, self.image_placeholder_token_id, self.end_of_chunk_token_id][: self.num_added_tokens]
+        added = [self.image_token_id, self.image_placeholder_token_id, self.end_of_chunk_token_id][
+            : self.num_added_tokens
+        ]
         for token_id in added:
             if not self.initial_tokenizer_len <= token_id < self.vocab_size:
-                raise ValueError(f"added token id {token_id} must lie in [{self.initial_tokenizer_len}, {self.vocab_size})")
+                raise ValueError(
+                    f"added token id {token_id} must lie in [{self.initial_tokenizer_len}, {self.vocab_size})"
+                )
         if self.sampler_config.input_dim != self.vision_config.hidden_size:
             raise ValueError("sampler_config.input_dim must equal vision_config.hidden_size")
         if self.sampler_config.output_dim != self.text_config.hidden_size:
@@ -173,13 +177,25 @@ def _tiny() -> dict[str, Any]:
     """The dimensions of the reference fixture `xgenmm-tiny-a`: runs in milliseconds on a CPU."""
     return dict(
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, image_size=28, patch_size=7,
+            model_type="siglip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
         ),
         sampler_config=dict(input_dim=16, output_dim=16, num_latents=4),
         text_config=dict(
-            model_type="phi3", vocab_size=32064, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, sliding_window=2047, **_PHI3_IDS,
+            model_type="phi3",
+            vocab_size=32064,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            sliding_window=2047,
+            **_PHI3_IDS,
         ),
     )
 
@@ -188,13 +204,25 @@ def _small() -> dict[str, Any]:
     """The benchmark configuration (benchmarks/README.md): big enough that matmuls dominate."""
     return dict(
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-            num_attention_heads=4, image_size=112, patch_size=14,
+            model_type="siglip_vision_model",
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=14,
         ),
         sampler_config=dict(input_dim=256, output_dim=512, num_latents=32),
         text_config=dict(
-            model_type="phi3", vocab_size=32064, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=8, sliding_window=2047, **_PHI3_IDS,
+            model_type="phi3",
+            vocab_size=32064,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            sliding_window=2047,
+            **_PHI3_IDS,
         ),
     )
 
@@ -210,8 +238,14 @@ def _xgen_mm_phi3_mini_v15() -> dict[str, Any]:
 
 
 SIGLIP_SO400M_14_384 = dict(
-    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-    image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
 )
 
 PRESETS = {

@@ -1,8 +1,8 @@
 """One place that returns a model together with its processor, so inference and training can't drift.
 
-    model, processor = blip3.load_pretrained("Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5")
-    model, processor = blip3.load_pretrained("runs/sft/final")          # a folder blip3 saved
-    model, processor = blip3.create("tiny", tokenizer)                   # new weights, named preset
+model, processor = blip3.load_pretrained("Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5")
+model, processor = blip3.load_pretrained("runs/sft/final")          # a folder blip3 saved
+model, processor = blip3.create("tiny", tokenizer)                   # new weights, named preset
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def load_processor(path: str | Path, config: Blip3Config) -> Blip3Processor:
 
 def has_tokenizer(path: str | Path) -> bool:
     file = cached_file(
-        str(path), "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
+        str(path),
+        "tokenizer_config.json",
+        _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
     )
     return file is not None

@@ -63,7 +63,9 @@ def run(out_dir: Path) -> None:
     console.rule("[bold]3. any-res plans")
     images = [
         draw_scene((640, 480), [("circle", "red", (60, 60, 260, 260)), ("square", "blue", (360, 200, 560, 400))]),
-        draw_scene((1400, 280), [("square", "green", (100, 40, 300, 240)), ("circle", "orange", (1000, 40, 1200, 240))]),
+        draw_scene(
+            (1400, 280), [("square", "green", (100, 40, 300, 240)), ("circle", "orange", (1000, 40, 1200, 240))]
+        ),
         draw_scene((22, 22), [("circle", "purple", (4, 4, 18, 18))]),
     ]
     for image in images:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -10,9 +9,8 @@ from safetensors.torch import load_file
 from blip3 import Blip3ForConditionalGeneration
 from blip3.cli import main
 from blip3.factory import create, load_pretrained
-from conftest import FIXTURES, build_test_tokenizer
-
-FIXTURE = FIXTURES / "xgenmm-tiny-a"
+from conftest import TINY_FIXTURE as FIXTURE
+from conftest import build_test_tokenizer, needs_tiny_fixture
 
 
 def test_info_counts_the_released_model_without_weights(capsys):
@@ -22,7 +20,7 @@ def test_info_counts_the_released_model_without_weights(capsys):
     assert "640" in out and "512" in out  # vision tokens of 640×480 (5 tiles) and 1200×300 (4 tiles)
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="needs ../shared/fixtures")
+@needs_tiny_fixture
 def test_convert_official_to_ours_and_back_is_exact(tmp_path, capsys):
     main(["convert", str(FIXTURE), str(tmp_path / "ours")])
     assert (tmp_path / "ours" / "config.json").read_text().count('"model_type": "blip3"') == 1
@@ -44,7 +42,9 @@ def test_generate_and_convert_with_a_processor(tmp_path, capsys):
     expected = processor.decode_generated(
         model.eval().generate(
             **processor.process_conversations(
-                [{"role": "user", "content": "<image>\nWhat colour?"}], [Image.open(tmp_path / "red.png")], add_generation_prompt=True
+                [{"role": "user", "content": "<image>\nWhat colour?"}],
+                [Image.open(tmp_path / "red.png")],
+                add_generation_prompt=True,
             ),
             max_new_tokens=5,
             do_sample=False,

@@ -43,7 +43,10 @@ class Fixture:
     def images_of(self, case: dict) -> tuple[list[list[torch.Tensor]], list[list[tuple[int, int]]]]:
         """Nested (sample → image) tile tensors and (W, H) sizes, as the original model takes them."""
         pixels = [[self.inputs[f"pixel_values.{self.image_key(n)}"] for n in s["images"]] for s in case["samples"]]
-        sizes = [[tuple(self.inputs[f"image_size.{self.image_key(n)}"].tolist()) for n in s["images"]] for s in case["samples"]]
+        sizes = [
+            [tuple(self.inputs[f"image_size.{self.image_key(n)}"].tolist()) for n in s["images"]]
+            for s in case["samples"]
+        ]
         return pixels, sizes
 
 
@@ -104,7 +107,11 @@ def test_vision_features_sampler_inputs_and_tokens(loaded):
                 images = model.model.collect_images(ids, pixels, sizes)
                 if not images.image_sizes:
                     continue
-                assert_close(model.model.encode_tiles(images.pixel_values), fixture.expected[f"{name}.vision_features"], f"{name} vision features")
+                assert_close(
+                    model.model.encode_tiles(images.pixel_values),
+                    fixture.expected[f"{name}.vision_features"],
+                    f"{name} vision features",
+                )
                 tokens = torch.cat(model.model.get_image_features(images))
             assert_close(captured["media"], fixture.expected[f"{name}.perceiver_input"], f"{name} sampler input")
             mask = captured["mask"]
@@ -131,7 +138,11 @@ def test_spliced_inputs_logits_and_loss(loaded):
         valid = fixture.expected[f"{name}.forward.lm_attention_mask"].bool()
         assert torch.equal(spliced.attention_mask.bool(), valid), f"{name}: spliced attention masks differ"
         assert torch.equal(spliced.labels[valid], fixture.expected[f"{name}.forward.lm_labels"][valid])
-        assert_close(spliced.inputs_embeds[valid], fixture.expected[f"{name}.forward.lm_inputs_embeds"][valid], f"{name} spliced embeddings")
+        assert_close(
+            spliced.inputs_embeds[valid],
+            fixture.expected[f"{name}.forward.lm_inputs_embeds"][valid],
+            f"{name} spliced embeddings",
+        )
         assert_close(out.logits[valid], fixture.expected[f"{name}.forward.logits"][valid], f"{name} logits")
         assert abs(loss.item() - fixture.expected[f"{name}.forward.loss"].item()) <= ATOL, f"{name}: loss differs"
 
@@ -167,10 +178,14 @@ def test_greedy_generation_tokens_are_exact(loaded):
         kwargs = {k: v for k, v in case["generate"]["kwargs"].items() if v is not None}
         with torch.no_grad():
             spliced = model.model.embed_inputs(ids, mask, None, pixels, sizes, padding_side="left")
-            new_tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, **kwargs)
+            new_tokens = model.generate(
+                input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, **kwargs
+            )
         valid = fixture.expected[f"{name}.generate.lm_attention_mask"].bool()
         assert torch.equal(spliced.attention_mask.bool(), valid), f"{name}: left-padded prompt masks differ"
-        assert_close(spliced.inputs_embeds[valid], fixture.expected[f"{name}.generate.lm_inputs_embeds"][valid], f"{name} prompt")
+        assert_close(
+            spliced.inputs_embeds[valid], fixture.expected[f"{name}.generate.lm_inputs_embeds"][valid], f"{name} prompt"
+        )
         assert new_tokens.tolist() == fixture.expected[f"{name}.generate.new_tokens"].tolist()
 
 
@@ -182,7 +197,10 @@ def test_cases_batched_together_match_each_case_alone(loaded):
         pytest.skip("needs two cases")
     rows, pixels, sizes = [], [], []
     for case in cases:
-        ids, mask = fixture.inputs[f"{case['name']}.forward.lang_x"], fixture.inputs[f"{case['name']}.forward.attention_mask"]
+        ids, mask = (
+            fixture.inputs[f"{case['name']}.forward.lang_x"],
+            fixture.inputs[f"{case['name']}.forward.attention_mask"],
+        )
         rows += [r[m.bool()].tolist() for r, m in zip(ids, mask)]
         case_pixels, case_sizes = fixture.images_of(case)
         pixels += case_pixels
@@ -196,7 +214,9 @@ def test_cases_batched_together_match_each_case_alone(loaded):
     kwargs = {k: v for k, v in cases[0]["generate"]["kwargs"].items() if v is not None}
     with torch.no_grad():
         logits = model(input_ids=right, attention_mask=right_mask, pixel_values=pixels, image_sizes=sizes).logits
-        tokens = model.generate(input_ids=left, attention_mask=left_mask, pixel_values=pixels, image_sizes=sizes, **kwargs)
+        tokens = model.generate(
+            input_ids=left, attention_mask=left_mask, pixel_values=pixels, image_sizes=sizes, **kwargs
+        )
     row = 0
     for case in cases:
         expected_logits = fixture.expected[f"{case['name']}.forward.logits"]

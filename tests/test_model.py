@@ -78,9 +78,7 @@ def test_config_rejects_inconsistent_layouts():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    samples=st.lists(
-        st.tuples(st.lists(st.integers(1, 7), max_size=3), st.integers(1, 6)), min_size=1, max_size=4
-    ),
+    samples=st.lists(st.tuples(st.lists(st.integers(1, 7), max_size=3), st.integers(1, 6)), min_size=1, max_size=4),
     padding_side=st.sampled_from(["left", "right"]),
 )
 def test_splice_places_each_image_at_its_token(samples, padding_side):
@@ -183,7 +181,9 @@ def test_batched_generation_equals_one_by_one():
     alone = []
     for p, px, s in zip(prompts, pixels, specs):
         ids, mask = torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long)
-        alone.append(model.generate(input_ids=ids, attention_mask=mask, pixel_values=[px], image_sizes=[s], **kwargs)[0].tolist())
+        alone.append(
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=[px], image_sizes=[s], **kwargs)[0].tolist()
+        )
     for side in ("left", "right"):
         ids, mask = batch(model, prompts, None, side)
         together = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=specs, **kwargs)
@@ -205,8 +205,13 @@ def test_generation_stops_on_end_of_turn_and_streams():
             streamed.append("end")
 
     ids = torch.tensor([prompt_ids(1, 4, 0)])
-    out = model.generate(input_ids=ids, pixel_values=[[random_tiles(model, (22, 22))]], image_sizes=[[(22, 22)]],
-                         max_new_tokens=10, streamer=Collect())
+    out = model.generate(
+        input_ids=ids,
+        pixel_values=[[random_tiles(model, (22, 22))]],
+        image_sizes=[[(22, 22)]],
+        max_new_tokens=10,
+        streamer=Collect(),
+    )
     assert out.tolist() == [[END]]  # only new tokens, stopped at <|end|>
     assert streamed == [END, "end"]
 

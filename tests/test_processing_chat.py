@@ -42,7 +42,9 @@ def test_system_prompt_default_override_and_none():
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the user's questions."
     )
-    assert render(parse_conversation(chat("Q", "A"), system_prompt="Be brief.")).text.startswith("<|system|>\nBe brief.<|end|>")
+    assert render(parse_conversation(chat("Q", "A"), system_prompt="Be brief.")).text.startswith(
+        "<|system|>\nBe brief.<|end|>"
+    )
     assert render(parse_conversation(chat("Q", "A"), system_prompt=None)).text.startswith("<|user|>\nQ<|end|>")
 
 
@@ -53,10 +55,21 @@ def test_generation_prompt_ends_with_the_assistant_header():
 
 def test_image_parts_and_llava_turns_render_alike():
     parts = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is this and this "}, {"type": "image"}, {"type": "text", "text": "?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "\nWhat is this and this "},
+                {"type": "image"},
+                {"type": "text", "text": "?"},
+            ],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "Two shapes."}]},
     ]
-    llava = [{"from": "human", "value": "<image>\nWhat is this and this <image>?"}, {"from": "gpt", "value": "Two shapes."}]
+    llava = [
+        {"from": "human", "value": "<image>\nWhat is this and this <image>?"},
+        {"from": "gpt", "value": "Two shapes."},
+    ]
     assert render(parse_conversation(parts)) == render(parse_conversation(llava))
     assert "<|user|>\n<image>\nWhat is this and this <image>?<|end|>" in render(parse_conversation(llava)).text
 
@@ -68,7 +81,11 @@ def test_image_parts_and_llava_turns_render_alike():
         (chat("Q", "A"), True, "must end with a 'user' turn"),
         ([], False, "must end with"),
         ([{"role": "assistant", "content": "A"}], False, "message 0 is a 'assistant' turn where a 'user'"),
-        ([*chat("Q"), {"role": "user", "content": "Q again"}, {"role": "assistant", "content": "A"}], False, "message 1 is a 'user' turn"),
+        (
+            [*chat("Q"), {"role": "user", "content": "Q again"}, {"role": "assistant", "content": "A"}],
+            False,
+            "message 1 is a 'user' turn",
+        ),
         ([*chat("Q", "A"), {"role": "system", "content": "S"}], True, "message 2 is a 'system' turn"),
         ([{"role": "narrator", "content": "x"}], False, "unknown role 'narrator'"),
         ([{"from": "bot", "value": "x"}], False, "unknown role 'bot'"),
@@ -83,7 +100,9 @@ def test_malformed_conversations_are_refused(conversation, for_generation, probl
 
 
 def test_labels_cover_exactly_the_answers(tokenizer):
-    encoded = encode(tokenizer, parse_conversation([*chat("What is it? <image>", "A red circle.", "And now?", "Nothing.")]))
+    encoded = encode(
+        tokenizer, parse_conversation([*chat("What is it? <image>", "A red circle.", "And now?", "Nothing.")])
+    )
     assert len(encoded.labels) == len(encoded.input_ids)
     labelled = [token for token, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels))

@@ -16,9 +16,9 @@ from transformers import AutoImageProcessor
 from blip3 import Blip3ImageProcessor, ImageError, load_image
 from blip3.config import preset
 from blip3.processing.anyres import XGENMM_GRIDS, anyres_tiles, count_vision_tokens, plan_anyres
-from conftest import FIXTURES
+from conftest import TINY_FIXTURE as TINY
+from conftest import needs_tiny_fixture
 
-TINY = FIXTURES / "xgenmm-tiny-a"
 FIXTURE_IMAGES = ["img_a1_22x22", "img_a2_640x480", "img_a3_1400x280"]
 
 
@@ -45,6 +45,7 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
 # -- pixels ------------------------------------------------------------------------------------------
 
 
+@needs_tiny_fixture
 def test_fixture_pixels_are_bit_exact():
     expected = load_file(TINY / "inputs.safetensors")
     processor = Blip3ImageProcessor.from_model_config(preset("tiny"))
@@ -61,9 +62,9 @@ def test_normalisation_is_torchvision_to_tensor_then_normalize():
     processor = Blip3ImageProcessor(image_size=28, image_mean=mean, image_std=std)
     images = [random_image(50, 37, seed=1), random_image(123, 300, seed=2)]
     tiles = torch.cat([torch.from_numpy(anyres_tiles(im, plan_anyres(im.size, XGENMM_GRIDS, 28))) for im in images])
-    expected = (tiles.permute(0, 3, 1, 2).float().div(255) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
-        1, 3, 1, 1
-    )
+    expected = (tiles.permute(0, 3, 1, 2).float().div(255) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
     assert torch.equal(processor(images)["pixel_values"], expected)
 
 
@@ -108,7 +109,9 @@ def test_vision_tokens_of_the_reference_checks():
 
 
 def test_save_and_load_with_auto_image_processor(tmp_path):
-    processor = Blip3ImageProcessor(image_size=28, anyres_grids=[(1, 2), (2, 1)], vision_token_mode="base", max_image_pixels=10**6)
+    processor = Blip3ImageProcessor(
+        image_size=28, anyres_grids=[(1, 2), (2, 1)], vision_token_mode="base", max_image_pixels=10**6
+    )
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
@@ -158,8 +161,17 @@ def test_grey_arrays_become_rgb():
         (12345, "unsupported image input"),
     ],
     ids=[
-        "zero-bytes", "garbage", "truncated-png", "pil-bomb", "our-bomb", "no-pixel-data",
-        "zero-size-array", "float-array", "two-channel-array", "zero-size-image", "int",
+        "zero-bytes",
+        "garbage",
+        "truncated-png",
+        "pil-bomb",
+        "our-bomb",
+        "no-pixel-data",
+        "zero-size-array",
+        "float-array",
+        "two-channel-array",
+        "zero-size-image",
+        "int",
     ],
 )
 def test_bad_inputs_raise_image_error(source, problem):

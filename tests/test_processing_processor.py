@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from blip3.config import preset
 from blip3 import IGNORE_INDEX, Blip3ImageProcessor, Blip3Processor
-from conftest import FIXTURES, build_test_tokenizer
+from blip3.config import preset
+from conftest import TINY_FIXTURE, build_test_tokenizer, needs_tiny_fixture
 
 IMAGE, PAD, END, ASSISTANT = 32012, 32011, 32007, 32001
 
@@ -72,8 +72,10 @@ def test_image_count_must_match_the_image_tokens(processor):
 
 
 def spliced_length(processor, out, row=0) -> int:
-    return int(out["attention_mask"][row].sum()) - int(out["num_images"][row]) + sum(
-        processor.vision_tokens_per_image(tuple(size)) for size in out["image_sizes"].tolist()
+    return (
+        int(out["attention_mask"][row].sum())
+        - int(out["num_images"][row])
+        + sum(processor.vision_tokens_per_image(tuple(size)) for size in out["image_sizes"].tolist())
     )
 
 
@@ -83,7 +85,10 @@ def test_max_length_counts_the_spliced_length(processor):
     length = spliced_length(processor, full)
     assert length == full["input_ids"].shape[1] - 1 + 20
     assert torch.equal(processor(text, images=[PHOTO], max_length=length)["input_ids"], full["input_ids"])
-    with pytest.raises(ValueError, match=rf"sample 0 is {length} positions long .* 1 <image>, 20 vision tokens.* max_length={length - 1}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"sample 0 is {length} positions long .* 1 <image>, 20 vision tokens.* max_length={length - 1}",
+    ):
         processor(text, images=[PHOTO], max_length=length - 1)
     cut = processor(text, images=[PHOTO], max_length=length - 3, truncation="right")
     assert torch.equal(cut["input_ids"], full["input_ids"][:, :-3])
@@ -124,9 +129,10 @@ def test_conversations_for_generation(processor):
         processor.process_conversations(turns("Q"), add_generation_prompt=True, max_length=8, truncation="right")
 
 
+@needs_tiny_fixture
 def test_the_official_prompt_layout(processor):
     # the fixture's prompts: <s><|user|>\n … <image> … <|end|>\n<|assistant|>\n with the official ids
-    fixture = json.loads((FIXTURES / "xgenmm-tiny-a" / "inputs.json").read_text())
+    fixture = json.loads((TINY_FIXTURE / "inputs.json").read_text())
     reference = fixture["cases"][1]["forward"]["lang_x"][0]
     ours = processor.process_conversations(
         turns("<image>\nDescribe the image."), [WIDE], add_generation_prompt=True, system_prompt=None

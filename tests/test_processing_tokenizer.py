@@ -45,8 +45,16 @@ def test_xgenmm_tokens_get_the_released_ids_and_adding_is_idempotent():
     tokenizer = build_test_tokenizer()
     ids = add_xgenmm_special_tokens(tokenizer)
     assert ids == {
-        "pad": 32011, "image": 32012, "image_placeholder": 32013, "end_of_chunk": 32014,
-        "bos": 1, "eos": 32000, "system": 32006, "user": 32010, "assistant": 32001, "end": 32007,
+        "pad": 32011,
+        "image": 32012,
+        "image_placeholder": 32013,
+        "end_of_chunk": 32014,
+        "bos": 1,
+        "eos": 32000,
+        "system": 32006,
+        "user": 32010,
+        "assistant": 32001,
+        "end": 32007,
     }
     assert len(tokenizer) == 32015
     assert add_xgenmm_special_tokens(tokenizer) == ids and len(tokenizer) == 32015
@@ -68,9 +76,10 @@ def test_compact_layout():
     tokenizer = build_test_tokenizer(phi3_layout=False)
     base = len(tokenizer) - 5  # the chat tokens follow the base vocabulary
     assert base <= 600
-    assert [tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]] == list(
-        range(base, base + 5)
-    )
+    assert [
+        tokenizer.convert_tokens_to_ids(t)
+        for t in ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    ] == list(range(base, base + 5))
     ids = add_xgenmm_special_tokens(tokenizer)
     assert [ids["pad"], ids["image"], ids["image_placeholder"], ids["end_of_chunk"]] == list(range(base + 5, base + 9))
 

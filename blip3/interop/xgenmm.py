@@ -70,8 +70,11 @@ def our_key_to_official(key: str) -> str:
 def read_official_config(path: str | Path, **hub_kwargs) -> dict[str, Any] | None:
     """The official `config.json` of a folder or hub repo id, or None if it is not an xGen-MM checkpoint."""
     file = cached_file(
-        str(path), "config.json", _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        str(path),
+        "config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
     )
     if file is None:
         return None

@@ -89,7 +89,10 @@ class Blip3Model(Blip3PreTrainedModel):
         text = config.text_config
         self.language_model.set_input_embeddings(
             DecoupledEmbedding(
-                text.vocab_size, text.hidden_size, config.initial_tokenizer_len, config.num_added_tokens,
+                text.vocab_size,
+                text.hidden_size,
+                config.initial_tokenizer_len,
+                config.num_added_tokens,
                 padding_idx=config.pad_token_id,
             )
         )
@@ -114,7 +117,9 @@ class Blip3Model(Blip3PreTrainedModel):
         hidden = tower.encoder(inputs_embeds=hidden).last_hidden_state
         return tower.post_layernorm(hidden)
 
-    def get_image_features(self, images: ImageBatch, instructions: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def get_image_features(
+        self, images: ImageBatch, instructions: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """Vision tokens per image, each [n_k, d_llm], in batch order.
 
         `instructions` (instruction-aware sampler only): per image, the LM input embeddings of its sample's prompt.
@@ -165,7 +170,9 @@ class Blip3Model(Blip3PreTrainedModel):
         """Accept the processor's flat tensors or the original's nested lists (sample → image → [Np, 3, S, S])."""
         if isinstance(pixel_values, (list, tuple)):  # nested: one list of per-image tile tensors per sample
             if len(pixel_values) != input_ids.shape[0]:
-                raise ValueError(f"pixel_values lists images for {len(pixel_values)} samples, input_ids has {input_ids.shape[0]}")
+                raise ValueError(
+                    f"pixel_values lists images for {len(pixel_values)} samples, input_ids has {input_ids.shape[0]}"
+                )
             per_image = [p.reshape(-1, *p.shape[-3:]) for sample in pixel_values for p in sample]  # drops a leading 1
             num_images = [len(sample) for sample in pixel_values]
             num_tiles = [len(p) for p in per_image]
@@ -181,7 +188,9 @@ class Blip3Model(Blip3PreTrainedModel):
         num_tiles = expected_tiles if num_tiles is None else [int(n) for n in num_tiles]
         for k, (got, want, size) in enumerate(zip(num_tiles, expected_tiles, image_sizes)):
             if got != want:
-                raise ValueError(f"image {k} of size (W, H) = {size} has {got} tiles; mode {self.config.vision_token_mode!r} expects {want}")
+                raise ValueError(
+                    f"image {k} of size (W, H) = {size} has {got} tiles; mode {self.config.vision_token_mode!r} expects {want}"
+                )
         if pixel_values is not None and len(pixel_values) != sum(num_tiles):
             raise ValueError(f"pixel_values holds {len(pixel_values)} tiles but the images need {sum(num_tiles)}")
         return ImageBatch(pixel_values, image_sizes, num_tiles, num_images)
@@ -219,7 +228,9 @@ class Blip3Model(Blip3PreTrainedModel):
     def instruction_embeddings(self, text_embeds, attention_mask, num_images) -> list[torch.Tensor]:
         """Per image, the first `max_instruction_tokens` embeddings of its sample's text (REFERENCE §1.4)."""
         limit = self.config.sampler_config.max_instruction_tokens
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(text_embeds.shape[:2], dtype=torch.bool)
+        valid = (
+            attention_mask.bool() if attention_mask is not None else torch.ones(text_embeds.shape[:2], dtype=torch.bool)
+        )
         return [text_embeds[b][valid[b]][:limit] for b, n in enumerate(num_images) for _ in range(n)]
 
     def forward(
@@ -278,7 +289,11 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
         self.model = Blip3Model(config)
         text = config.text_config
         self.lm_head = DecoupledLMHead(
-            text.hidden_size, text.vocab_size, config.initial_tokenizer_len, config.num_added_tokens, config.lm_head_bias
+            text.hidden_size,
+            text.vocab_size,
+            config.initial_tokenizer_len,
+            config.num_added_tokens,
+            config.lm_head_bias,
         )
         self.post_init()
         # instruct models end a turn with <|end|>, not the LM's eos (REFERENCE §9 item 6)
@@ -292,7 +307,9 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
         official = read_official_config(pretrained_model_name_or_path) if kwargs.get("config") is None else None
         if official is None:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **official_loading_kwargs(official), **kwargs)
+        model = super().from_pretrained(
+            pretrained_model_name_or_path, *args, **official_loading_kwargs(official), **kwargs
+        )
         # transformers replays the load-time renaming backwards on save; ours must save under our own names
         model._weight_conversions = None
         return model
@@ -374,9 +391,13 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
         supervised = targets != IGNORE_INDEX
         head, added = self.lm_head, self.lm_head.additional_fc
         loss = linear_cross_entropy(  # logits only at supervised positions, never all at once
-            hidden_states[:, :-1][supervised], head.weight, head.bias,
-            added.weight if added is not None else None, added.bias if added is not None else None,
-            targets[supervised], head.num_base,
+            hidden_states[:, :-1][supervised],
+            head.weight,
+            head.bias,
+            added.weight if added is not None else None,
+            added.bias if added is not None else None,
+            targets[supervised],
+            head.num_base,
         )
         if num_items_in_batch is None:
             num_items_in_batch = supervised.sum().clamp(min=1)

@@ -289,4 +289,3 @@ class Blip3ImageProcessor(BaseImageProcessor):
         views = _run_parallel(global_view_jobs + resize_jobs)
         global_views, resized = views[: len(images)], views[len(images) :]
         return [tiles_from_views(view[0], canvas, plan) for view, canvas, plan in zip(global_views, resized, plans)]
-

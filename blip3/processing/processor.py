@@ -25,8 +25,8 @@ from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from blip3.config import IGNORE_INDEX, Blip3Config
-from blip3.processing.chat import XGENMM_SYSTEM_PROMPT, Conversation, Turn, encode, parse_conversation
 from blip3.processing.anyres import count_vision_tokens
+from blip3.processing.chat import XGENMM_SYSTEM_PROMPT, Conversation, Turn, encode, parse_conversation
 from blip3.processing.image import Blip3ImageProcessor, ImageSource, is_image_source
 from blip3.processing.tokenizer import add_xgenmm_special_tokens, special_token_ids
 
@@ -100,7 +100,9 @@ class Blip3Processor(ProcessorMixin):
         """LM positions an image of (W, H) `image_size` takes once its `<image>` is expanded."""
         processor = self.image_processor
         grids = tuple(map(tuple, processor.anyres_grids))
-        return count_vision_tokens(image_size, processor.vision_token_mode, grids, processor.image_size, self.num_latents)
+        return count_vision_tokens(
+            image_size, processor.vision_token_mode, grids, processor.image_size, self.num_latents
+        )
 
     # -----------------------------------------------------------------------------------------------
     # Entry points
@@ -231,10 +233,7 @@ class Blip3Processor(ProcessorMixin):
         if max_length is None or length <= max_length:
             return sample
         num_vision = length - len(sample.input_ids) + len(sample.images)
-        counts = (
-            f"{len(sample.input_ids)} text tokens with {len(sample.images)} <image>, "
-            f"{num_vision} vision tokens"
-        )
+        counts = f"{len(sample.input_ids)} text tokens with {len(sample.images)} <image>, {num_vision} vision tokens"
         if truncation == "error":
             raise ValueError(
                 f"sample {index} is {length} positions long after splicing ({counts}), over max_length={max_length}"
