@@ -9,6 +9,7 @@ blip3 demo      the inference path end to end on a tiny model, offline
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -196,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the inference path end to end on a tiny model (offline, seconds)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo writes its checkpoint")
     demo.set_defaults(run=cmd_demo)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(commands)
     return parser
+
+
+# Packages that bring their own sub-commands: each module has `add_commands(commands)`, which adds its
+# sub-parsers (with `set_defaults(run=...)`) to the `blip3` command.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> None:
