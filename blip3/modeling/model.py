@@ -61,6 +61,16 @@ class ImageBatch:
     num_images: list[int]  # per sample
 
 
+def supervised_targets(labels: torch.Tensor, ignored_ids: list[int]) -> torch.Tensor:
+    """bool [B, T-1]: which next-token targets the loss trains on (not −100, not pad or an added special token).
+
+    Counting them on the unspliced labels gives the same number as on the spliced ones: an image's
+    vision tokens replace its `<image>`, whose label is never trained.
+    """
+    targets = labels[:, 1:]
+    return (targets != IGNORE_INDEX) & ~torch.isin(targets, torch.tensor(ignored_ids, device=labels.device))
+
+
 class Blip3PreTrainedModel(PreTrainedModel):
     config: Blip3Config
     config_class = Blip3Config
@@ -386,9 +396,8 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
         self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
     ) -> torch.Tensor:
         """Next-token cross-entropy over the supervised positions only (mean, or sum / `num_items_in_batch`)."""
-        ignored = torch.tensor(self.config.ignored_label_ids, device=labels.device)
-        targets = labels[:, 1:].masked_fill(torch.isin(labels[:, 1:], ignored), IGNORE_INDEX)
-        supervised = targets != IGNORE_INDEX
+        targets = labels[:, 1:]
+        supervised = supervised_targets(labels, self.config.ignored_label_ids)
         head, added = self.lm_head, self.lm_head.additional_fc
         loss = linear_cross_entropy(  # logits only at supervised positions, never all at once
             hidden_states[:, :-1][supervised],
@@ -428,4 +437,4 @@ class Blip3ForConditionalGeneration(Blip3PreTrainedModel, GenerationMixin):
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
-__all__ = ["Blip3ForConditionalGeneration", "Blip3Model", "Blip3PreTrainedModel", "ImageBatch"]
+__all__ = ["Blip3ForConditionalGeneration", "Blip3Model", "Blip3PreTrainedModel", "ImageBatch", "supervised_targets"]
