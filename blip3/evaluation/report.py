@@ -1,0 +1,220 @@
+"""Report: the results of one or more models -> report.md, report.json and scores.png.
+
+    write_report([pretrain, sft, dpo], "runs/demo/report")     # EvalResults, or paths to results.json
+
+Each result's `label` is a column (a training stage, say), in the order given, so the table reads
+like the recipe, left to right; each task is a row. The markdown holds a summary table of each
+task's main number per stage (with the change from the first stage to the last), a table per task
+with all its numbers, a few example answers per task from the last stage, and the settings; the
+JSON holds the same numbers for programs; the plot shows the summary as grouped bars.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from blip3.evaluation.runner import EvalResults
+from blip3.evaluation.scoring import CATEGORY_METRIC, LOWER_IS_BETTER, PRIMARY_METRIC
+
+METRIC_NAMES = {
+    "vqa_accuracy": "VQA accuracy",
+    "cider": "CIDEr",
+    "anls": "ANLS",
+    "exact_match": "exact match",
+    "multiple_choice": "multiple choice",
+    "pope": "POPE",
+    "grounding": "grounding",
+    "refusal": "refusal",
+}
+
+
+def write_report(
+    results: Sequence[EvalResults | str | Path],
+    out_dir: str | Path,
+    title: str = "blip3 evaluation",
+    examples_per_task: int = 3,
+) -> dict[str, Path]:
+    """Write report.md, report.json and scores.png into `out_dir`; returns their paths by kind."""
+    results = [r if isinstance(r, EvalResults) else EvalResults.load(r) for r in results]
+    if not results:
+        raise ValueError("no results to report")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = collect(results)
+    paths = {
+        "json": out_dir / "report.json",
+        "markdown": out_dir / "report.md",
+        "plot": out_dir / "scores.png",
+    }
+    paths["json"].write_text(json.dumps({"title": title, **table}, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    plot_scores(table, paths["plot"], title)
+    paths["markdown"].write_text(_markdown(table, results, title, paths["plot"].name, examples_per_task), "utf-8")
+    return paths
+
+
+def collect(results: Sequence[EvalResults]) -> dict[str, Any]:
+    """{"stages": [labels], "tasks": {task: {metric, primary, scores: {stage: summary}}}, "settings": ...}"""
+    stages = list(dict.fromkeys(r.label for r in results))
+    tasks: dict[str, dict[str, Any]] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    for result in results:
+        settings.setdefault(result.label, {})[result.benchmark or "items"] = result.settings
+        for task, summary in result.tasks.items():
+            metric = next(item.metric for item in result.items if item.task == task)
+            entry = tasks.setdefault(task, {"metric": metric, "primary": PRIMARY_METRIC[metric], "scores": {}})
+            if entry["metric"] != metric:
+                raise ValueError(f"task {task!r} is scored as {entry['metric']} in one result and {metric} in another")
+            if result.label in entry["scores"]:
+                raise ValueError(f"two results label {result.label!r} report task {task!r}; give each a distinct label")
+            entry["scores"][result.label] = summary
+    return {"stages": stages, "tasks": tasks, "settings": settings}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_scores(table: dict[str, Any], path: Path, title: str) -> Path:
+    """Grouped bars: each task's main number, one bar per stage."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend needed
+
+    stages, tasks = table["stages"], table["tasks"]
+    names = list(tasks)
+    width = 0.8 / len(stages)
+    inches = min(16.0, max(6.0, 0.9 * len(names) * (0.6 + 0.2 * len(stages)) + 2))  # wide enough to read
+    figure = Figure(figsize=(inches, 4.8), layout="constrained")
+    axes = figure.subplots()
+    colours = [f"C{i}" for i in range(len(stages))]
+    for s, stage in enumerate(stages):
+        positions, values = [], []
+        for t, task in enumerate(names):
+            summary = tasks[task]["scores"].get(stage)
+            if summary is not None:
+                positions.append(t - 0.4 + width * (s + 0.5))
+                values.append(summary[tasks[task]["primary"]])
+        bars = axes.bar(positions, values, width=width * 0.92, label=stage, color=colours[s])
+        axes.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    axes.set_xticks(range(len(names)))
+    axes.set_xticklabels([f"{name}\n{tasks[name]['primary']}" for name in names], fontsize=8)
+    axes.set_ylabel("score, higher is better (%; CIDEr × 100)")
+    top = max([summary[t["primary"]] for t in tasks.values() for summary in t["scores"].values()] + [100.0])
+    axes.set_ylim(0, top * 1.12)
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_axisbelow(True)
+    if len(stages) > 1:
+        axes.legend(title="stage", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.savefig(path, dpi=120)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _number(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _cell(text: str, limit: int = 110) -> str:
+    """Text safe in a markdown table cell: one line, `|` escaped, `<image>` visible, not too long."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _markdown(table, results, title, plot_name, examples_per_task) -> str:
+    stages, tasks = table["stages"], table["tasks"]
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"{len(stages)} model{'s' if len(stages) > 1 else ''} ({', '.join(stages)}) on {len(tasks)} tasks. "
+        "Scores are percentages (CIDEr: pycocoevalcap × 100); ↓ marks numbers where lower is better."
+    )
+    lines += ["", "## Summary", ""]
+    header = ["task", "metric", "n", *stages]
+    if len(stages) > 1:
+        header.append(f"Δ ({stages[-1]} − {stages[0]})")
+    lines += [_row(header), _row(["---", "---", "---:", *["---:"] * (len(header) - 3)])]
+    for task, entry in tasks.items():
+        primary = entry["primary"]
+        values = [entry["scores"].get(stage, {}).get(primary) for stage in stages]
+        counts = {summary["n"] for summary in entry["scores"].values()}
+        cells = [task, f"{METRIC_NAMES[entry['metric']]}: {primary}", "/".join(map(str, sorted(counts)))]
+        cells += [_number(v) if v is not None else "–" for v in values]
+        if len(stages) > 1:
+            first, last = values[0], values[-1]
+            cells.append(f"{last - first:+.1f}" if first is not None and last is not None else "–")
+        lines.append(_row(cells))
+    lines += ["", f"![main score per task and stage]({plot_name})", "", "## Tasks"]
+
+    for task, entry in tasks.items():
+        lines += ["", f"### {task}", ""]
+        names = [k for k in next(iter(entry["scores"].values())) if k not in ("n", "by_category")]
+        lines.append(_row(["stage", *[f"{n} ↓" if n in LOWER_IS_BETTER else n for n in names], "n"]))
+        lines.append(_row(["---", *["---:"] * (len(names) + 1)]))
+        for stage in stages:
+            summary = entry["scores"].get(stage)
+            if summary is not None:
+                lines.append(_row([stage, *[_number(summary.get(n, "–")) for n in names], summary["n"]]))
+        categories = list(dict.fromkeys(c for s in entry["scores"].values() for c in s.get("by_category", {})))
+        if categories:
+            lines += ["", f"{CATEGORY_METRIC[entry['metric']]} by category:", ""]
+            lines += [_row(["category", *stages]), _row(["---", *["---:"] * len(stages)])]
+            for category in categories:
+                values = [entry["scores"].get(stage, {}).get("by_category", {}).get(category) for stage in stages]
+                lines.append(_row([_cell(category), *[_number(v) if v is not None else "–" for v in values]]))
+
+    last = stages[-1]
+    lines += ["", f"## Example answers ({last})", ""]
+    for task in tasks:
+        shown = [item for result in results if result.label == last for item in result.items if item.task == task]
+        if not shown:
+            continue
+        lines += [
+            f"**{task}**",
+            "",
+            _row(["score", "question", "reference", "answer"]),
+            _row(["---", "---", "---", "---"]),
+        ]
+        for item in shown[:examples_per_task]:
+            reference = _reference_text(item)
+            lines.append(
+                _row([_mark(item), _cell(item.prompt), _cell(reference, 60), _cell(item.prediction or "(empty)", 80)])
+            )
+        lines.append("")
+
+    lines += ["## Settings", ""]
+    lines += [_row(["stage", "benchmark", "mode", "shots", "items", "batch", "seconds"]), _row(["---"] * 7)]
+    for stage, by_benchmark in table["settings"].items():
+        for benchmark, s in by_benchmark.items():
+            shots = s.get("shots") if s.get("shots") is not None else "–"
+            lines.append(_row([stage, benchmark, s["mode"], shots, s["num_items"], s["batch_size"], s["seconds"]]))
+    return "\n".join(lines) + "\n"
+
+
+def _reference_text(item) -> str:
+    if "target_box" in item.details:
+        return "box " + ", ".join(f"{v:g}" for v in item.details["target_box"])
+    if "safe" in item.details:
+        return "answer (safe request)" if item.details["safe"] else "refuse (unsafe request)"
+    if len(item.references) > 3:  # VQA's ten human answers, captions: the commonest few
+        counts: dict[str, int] = {}
+        for reference in item.references:
+            counts[reference] = counts.get(reference, 0) + 1
+        common = sorted(counts, key=lambda r: -counts[r])[:3]
+        return " / ".join(common) + " …"
+    return " / ".join(item.references)
+
+
+def _mark(item) -> str:
+    """✓ right, ✗ wrong, the number itself for partial credit (VQA, ANLS) and CIDEr."""
+    if item.metric != "cider" and item.score in (0.0, 1.0):
+        return "✓" if item.score == 1.0 else "✗"
+    return f"{item.score:.2f}"
