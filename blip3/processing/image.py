@@ -49,6 +49,10 @@ class ImageError(ValueError):
     """An input that cannot be turned into an RGB image; the message says which input and why."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image refused for its size before its pixels were decoded (our limit, or PIL's bomb check)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
@@ -107,7 +111,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(source))
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{name} is too large: {err}") from err
+        raise ImageTooLargeError(f"{name} is too large: {err}") from err
     except UnidentifiedImageError as err:
         raise ImageError(f"{name} is not in a recognised image format") from err
     except Exception as err:  # a header the format plugin recognised but could not parse
@@ -131,7 +135,7 @@ def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
     if width == 0 or height == 0:
         raise ImageError(f"{name} has zero size ({width}×{height})")
     if width * height > max_pixels:
-        raise ImageError(f"{name} is too large: {width}×{height} pixels exceeds the limit of {max_pixels}")
+        raise ImageTooLargeError(f"{name} is too large: {width}×{height} pixels exceeds the limit of {max_pixels}")
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
