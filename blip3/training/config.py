@@ -8,6 +8,7 @@ command line as `section.field=value` (the value is parsed as YAML: `optim.lr=3e
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ class DataSection:
     max_images: int = 4
     length_grouping: bool = False
     num_workers: int = 0
+    streams_per_rank: int | None = None  # fixes the batch order independently of num_workers (see blip3.data)
+    epochs: int | None = None  # stop at the end of this many passes over the data (else train.steps decides)
 
 
 @dataclass
@@ -107,9 +110,13 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A recipe file with `section.field=value` overrides applied (values parsed as YAML)."""
+    """A recipe file with `section.field=value` overrides applied (values parsed as YAML).
+
+    `${VARS}` in string values are expanded, and mixture files named relative to the recipe are
+    found beside it.
+    """
     raw = yaml.safe_load(Path(path).read_text()) if path else {}
-    raw = raw or {}
+    raw = _expand_vars(raw or {})
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or "." not in key:
@@ -118,5 +125,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return TrainConfig.from_dict(raw)
+        node[leaf] = _expand_vars(yaml.safe_load(value))
+    config = TrainConfig.from_dict(raw)
+    if path:
+        for name in ("mixture", "validation"):
+            value = getattr(config.data, name)
+            if isinstance(value, str) and not Path(value).is_absolute() and (Path(path).parent / value).is_file():
+                setattr(config.data, name, str(Path(path).parent / value))
+    return config
+
+
+def _expand_vars(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {k: _expand_vars(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_vars(v) for v in value]
+    return value

@@ -43,6 +43,10 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.item()
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (ranks must agree to stop together)."""
+        return self.sum(0 if flag else 1) == 0
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
         if not self.enabled:

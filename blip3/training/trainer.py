@@ -16,6 +16,7 @@ process and N processes with the same global batch compute the same loss and gra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from blip3.config import preset
+from blip3.data.collate import model_inputs
+from blip3.data.loader import build_loader
 from blip3.factory import load_processor
 from blip3.modeling.model import Blip3ForConditionalGeneration, supervised_targets
 from blip3.processing.processor import Blip3Processor
@@ -147,8 +150,6 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, sharded: bool) 
 
 
 def build_train_loader(config: TrainConfig, processor: Blip3Processor, distributed: Distributed, mixture=None):
-    from blip3.data.loader import build_loader
-
     data = config.data
     mixture = mixture if mixture is not None else data.mixture
     if mixture is None:
@@ -161,18 +162,17 @@ def build_train_loader(config: TrainConfig, processor: Blip3Processor, distribut
         rank=distributed.rank,
         world_size=distributed.world_size,
         num_workers=data.num_workers,
+        streams_per_rank=data.streams_per_rank,
         max_length=data.max_length,
         overlong=data.overlong,
         max_images=data.max_images,
         length_grouping=data.length_grouping,
+        epochs=data.epochs if mixture is data.mixture else None,
     )
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "num_images", "num_tiles")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,7 +269,9 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
 
     # -- loop
     while step < config.train.steps:
-        micro_batches = [next(batches) for _ in range(config.train.grad_accum)]
+        micro_batches = list(itertools.islice(batches, config.train.grad_accum))
+        if not distributed.all_true(bool(micro_batches)):  # data.epochs read to the end (on some rank)
+            break
         local_targets = sum(
             int(supervised_targets(b["labels"], model.config.ignored_label_ids).sum()) for b in micro_batches
         )
@@ -278,7 +280,7 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
         normaliser = max(global_targets, 1) / distributed.world_size
         step_loss = 0.0
         for index, batch in enumerate(micro_batches):
-            batch = to_device({k: batch[k] for k in MODEL_INPUTS if k in batch}, distributed.device)
+            batch = to_device(model_inputs(batch), distributed.device)
             last = index == len(micro_batches) - 1
             with maybe_skip_gradient_sync(wrapped, skip=not last), autocast(config.train.precision, distributed.device):
                 out = wrapped(**batch, num_items_in_batch=normaliser)
@@ -312,7 +314,7 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
                     "tokens_seen": tokens_seen,
                     "elapsed_s": elapsed,
                     "target_tokens_per_s": (tokens_seen - tokens_at_start) / elapsed,
-                    "skipped": dict(getattr(loader, "skipped", {})),
+                    "skipped": dict(loader.skipped),
                 }
             )
         if config.train.eval_every and step % config.train.eval_every == 0:
@@ -323,12 +325,21 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
     # -- finish
     progress.close()
     final = _save(run_dir, step, wrapped, optimizer, scheduler, loader, tokens_seen, distributed, processor, config)
+    counts = _data_counts(loader, distributed)  # collective: every rank takes part
     if distributed.is_main:
-        log.write({"kind": "end", "step": step, "loss": last_loss, "skipped": dict(getattr(loader, "skipped", {}))})
+        log.write({"kind": "end", "step": step, "loss": last_loss, **counts})
         log.close()
         if (run_dir / "metrics.jsonl").is_file():
             plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return RunResult(run_dir, final, last_loss, step)
+
+
+def _data_counts(loader, distributed: Distributed) -> dict[str, Any]:
+    """Samples used and skipped (by reason and source) over all ranks."""
+    from blip3.data.mixture import DataCounts
+
+    merged = DataCounts.merge(distributed.gather(loader.counts.to_dict()))
+    return {"data": merged.to_dict()}
 
 
 def _save(run_dir, step, wrapped, optimizer, scheduler, loader, tokens_seen, distributed, processor, config) -> Path:
@@ -356,7 +367,7 @@ def _evaluate(config, wrapped, model, processor, distributed, log, step, on_eval
         total, targets = 0.0, 0
         for _, batch in zip(range(config.train.eval_batches), loader):
             count = int(supervised_targets(batch["labels"], model.config.ignored_label_ids).sum())
-            batch = to_device({k: batch[k] for k in MODEL_INPUTS if k in batch}, distributed.device)
+            batch = to_device(model_inputs(batch), distributed.device)
             with autocast(config.train.precision, distributed.device):
                 out = wrapped(**batch, num_items_in_batch=1.0, return_logits=False)
             total += out.loss.item()
