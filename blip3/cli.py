@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Packages that bring their own sub-commands: each module has `add_commands(commands)`, which adds its
 # sub-parsers (with `set_defaults(run=...)`) to the `blip3` command.
 COMMAND_MODULES: tuple[str, ...] = (
+    "blip3.synthetic.cli",
     "blip3.training.cli",
     "blip3.serving.cli",
     "blip3.evaluation.cli",

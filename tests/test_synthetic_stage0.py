@@ -1,0 +1,104 @@
+"""Stage 0: tile captions, the SigLIP training loop, and the tower's hand-over to the VLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import SiglipVisionModel
+
+from blip3 import Blip3ForConditionalGeneration
+from blip3.cli import main
+from blip3.processing import anyres
+from blip3.synthetic.config import tiny_world_config
+from blip3.synthetic.stage0 import Stage0Settings, caption_of_region, load_vision_tower, tile_regions, train_stage0
+from blip3.synthetic.tokenizer import load_world_tokenizer
+from blip3.synthetic.write import WorldSizes, build_world
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread; a second only fights other jobs for a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tile_regions_tile_the_image_row_major():
+    plan = anyres.plan_anyres((112, 56), anyres.XGENMM_GRIDS, 56)
+    assert plan.grid == (2, 1) and plan.offset == (0, 0)
+    assert tile_regions(plan) == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    plan = anyres.plan_anyres((112, 112), anyres.XGENMM_GRIDS, 56)
+    assert tile_regions(plan)[3] == (0.5, 0.5, 1.0, 1.0)
+
+
+def test_a_region_caption_names_the_shapes_centred_in_it_and_only_whole_text():
+    scene = {
+        "objects": [
+            {"kind": "circle", "colour": "red", "position": "top left", "box": [0.05, 0.05, 0.25, 0.25]},
+            {"kind": "star", "colour": "blue", "position": "middle", "box": [0.4, 0.4, 0.58, 0.58]},  # centre 0.49
+            {"kind": "cross", "colour": "green", "position": "bottom right", "box": [0.7, 0.7, 0.9, 0.9]},
+        ],
+        "texts": [
+            {"text": "KMN", "size": "small", "position": "top right", "box": [0.6, 0.1, 0.8, 0.2]},
+            {"text": "PLAX", "size": "large", "position": "bottom", "box": [0.3, 0.8, 0.7, 0.9]},  # cut in two
+        ],
+    }
+    assert caption_of_region(scene, (0.0, 0.0, 0.5, 0.5)) == "A red circle and a blue star."
+    assert caption_of_region(scene, (0.5, 0.0, 1.0, 0.5)) == 'The text "KMN".'
+    assert caption_of_region(scene, (0.5, 0.5, 1.0, 1.0)) == "A green cross."
+    assert caption_of_region(scene, (0.0, 0.5, 0.5, 1.0)) is None  # only half of "PLAX" is there
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke world and a few stage-0 steps on a narrow tower (seconds)."""
+    root = tmp_path_factory.mktemp("stage0")
+    build_world(root / "world", WorldSizes.smoke(), seed=0, workers=1, progress=False)
+    tokenizer = load_world_tokenizer(root / "world")
+    config = tiny_world_config(tokenizer, vision_width=32, vision_layers=1, vision_heads=2)
+    settings = Stage0Settings(steps=12, batch_size=16, warmup_steps=2, text_width=32, text_layers=1, log_every=1)
+    metrics = train_stage0(root / "world", root / "out", settings, config=config, progress=False)
+    return root, config, metrics
+
+
+def test_stage0_lowers_the_sigmoid_loss_and_logs_it(trained):
+    root, _, metrics = trained
+    log = [json.loads(line) for line in (root / "out" / "stage0_log.jsonl").read_text().splitlines()]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert log[-1]["retrieval"] == metrics["retrieval"]
+    retrieval = metrics["retrieval"]
+    assert 0 <= retrieval["top1"] <= retrieval["top5"] <= 1 and retrieval["num_images"] == 16
+    assert metrics["train_views"]["tiles"] > metrics["train_views"]["global"]  # every image adds 2-4 tiles
+    for probe in (metrics["patch_probe"], metrics["patch_probe_before"]):
+        assert 0 <= probe["colour"] <= 1 and 0 <= probe["shape"] <= 1 and probe["test_objects"] > 0
+
+
+def test_the_stage0_tower_loads_into_the_vlm_and_gives_its_features(trained):
+    root, config, _ = trained
+    tower = SiglipVisionModel.from_pretrained(root / "out" / "vision_tower")
+    model = Blip3ForConditionalGeneration(config)
+    load_vision_tower(model, root / "out" / "vision_tower")
+    ours = model.model.vision_tower.state_dict()
+    assert ours.keys() == tower.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in tower.state_dict().items())
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    pixels = torch.randn(3, 3, config.image_size, config.image_size)
+    expected = tower(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(model.model.encode_tiles(pixels), expected)
+
+    wider = Blip3ForConditionalGeneration(tiny_world_config(load_world_tokenizer(root / "world"), vision_width=64))
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_vision_tower(wider, root / "out" / "vision_tower")
+
+
+def test_the_stage0_command_trains_and_reports(trained, tmp_path, capsys):
+    root, _, _ = trained
+    main(["stage0", str(root / "world"), "--out", str(tmp_path), "--steps", "3", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert "image->caption top-1" in out and "patch probe" in out
+    assert (tmp_path / "vision_tower" / "config.json").is_file()

@@ -1,0 +1,260 @@
+"""The world on disk: determinism, the schemas the readers take, held-out splits, tokenizer, model agreement."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from blip3 import Blip3ForConditionalGeneration, Blip3Processor
+from blip3.cli import main
+from blip3.synthetic import tasks
+from blip3.synthetic.config import tiny_world_config
+from blip3.synthetic.tokenizer import load_world_tokenizer
+from blip3.synthetic.world import TEXT_ALPHABET, WorldSpec
+from blip3.synthetic.write import WorldSizes, build_world
+
+SIZES = WorldSizes.smoke()
+HELD_OUT_PHRASES = [f"{colour} {kind}" for colour, kind in WorldSpec().held_out_pairs]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread; a second only fights other jobs for a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    main(["world", str(root), "--sizes", "smoke", "--seed", "0", "--workers", "1"])
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {member extension: bytes}, split at the first dot as webdataset does."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, extension = member.name.split(".", 1)
+            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
+
+
+def shard_paths(world: Path, kind: str) -> list[Path]:
+    return [world / p for p in json.loads((world / "manifest.json").read_text())["files"][kind]]
+
+
+def load_json(world: Path, relative: str):
+    path = world / relative
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def is_box(box) -> bool:
+    return len(box) == 4 and all(0 <= v <= 1 for v in box) and box[0] < box[2] and box[1] < box[3]
+
+
+def test_the_world_is_a_function_of_the_seed(world, tmp_path):
+    # In parallel processes or not, the same seed writes the same bytes; another seed, other data.
+    build_world(tmp_path / "again", SIZES, seed=0, workers=2, progress=False)
+    assert tree(tmp_path / "again") == tree(world)
+    build_world(tmp_path / "other", SIZES, seed=1, workers=1, progress=False)
+    other, ours = tree(tmp_path / "other"), tree(world)
+    assert {k for k in other if not k.startswith("images/")} == {k for k in ours if not k.startswith("images/")}
+    assert other["sft/single.json"] != ours["sft/single.json"]
+
+
+def test_caption_ocr_and_grounding_shards_follow_the_schema(world):
+    for path in shard_paths(world, "captions/train"):
+        for key, members in tar_samples(path).items():
+            assert set(members) == {"png", "txt", "json"} and "." not in key
+            assert members["txt"].decode().strip()
+            assert Image.open(io.BytesIO(members["png"])).format == "PNG"
+    for path in shard_paths(world, "ocr"):
+        for members in tar_samples(path).values():
+            annotation = json.loads(members["json"])
+            assert set(members) == {"png", "json"} and annotation["ocr"]
+            for region in annotation["ocr"]:
+                assert set(region["text"]) <= set(TEXT_ALPHABET) and is_box(region["box"])
+                assert f'"{region["text"]}"' in annotation["caption"]
+    for path in shard_paths(world, "grounding"):
+        for members in tar_samples(path).values():
+            annotation = json.loads(members["json"])
+            assert annotation["caption"] and annotation["objects"]
+            for obj in annotation["objects"]:
+                assert obj["phrase"] in annotation["caption"] and is_box(obj["box"])
+    assert sum(len(tar_samples(p)) for p in shard_paths(world, "captions/train")) == SIZES.captions
+    assert len(shard_paths(world, "captions/train")) == -(-SIZES.captions // SIZES.shard_size)
+
+
+def test_interleaved_documents_align_texts_and_images(world):
+    for path in shard_paths(world, "interleaved"):
+        for members in tar_samples(path).values():
+            document = json.loads(members["json"])
+            texts, images = document["texts"], document["images"]
+            assert len(texts) == len(images) >= 4
+            assert all((t is None) != (i is None) for t, i in zip(texts, images))
+            named = [i for i in images if i is not None]
+            assert sorted(named) == sorted(m for m in members if m.endswith(".png")) and len(named) >= 2
+
+
+def test_conversations_follow_the_llava_schema_with_their_metadata(world):
+    files = ["sft/single.json", "sft/multi.json", "sft/safety.json"]
+    files += [
+        f"eval/{split}/{name}.json"
+        for split in ("validation", "test")
+        for name in ("single", "multi", "pope", "safety")
+    ]
+    ids = []
+    for relative in files:
+        for record in load_json(world, relative):
+            ids.append(record["id"])
+            images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+            assert all((world / "images" / image).is_file() for image in images)
+            roles = [m["from"] for m in record["conversations"]]
+            assert roles == ["human", "gpt"] * (len(roles) // 2) and roles
+            assert record["conversations"][0]["value"].count("<image>") == len(images)
+            assert sum(m["value"].count("<image>") for m in record["conversations"]) == len(images)
+            assert record["split"] in relative or relative.startswith("sft/")
+            if relative.startswith("eval/"):  # one question, its reply the canonical answer
+                assert len(roles) == 2 and record["conversations"][1]["value"] == record["answer"]
+            else:
+                assert record["conversations"][1]["value"] == record["answer"] or record["task"] == "caption"
+            if record["task"] == "grounding":
+                assert is_box(record["box"])
+            if "safety" in relative:
+                assert record["safe"] == (record["safety_kind"] != "harmful")
+                assert tasks.is_refusal(record["answer"]) == (not record["safe"])
+    assert len(ids) == len(set(ids))
+
+
+def test_evaluation_sets_cover_every_task_with_the_right_counts(world):
+    single = load_json(world, "eval/test/single.json")
+    assert Counter(r["task"] for r in single) == {task: SIZES.test_per_task for task in tasks.SINGLE_IMAGE_TASKS}
+    multi = load_json(world, "eval/test/multi.json")
+    assert Counter(r["task"] for r in multi) == {task: SIZES.test_per_task for task in tasks.MULTI_IMAGE_TASKS}
+    assert all(2 <= len(r["image"]) <= 4 for r in multi)
+    pope = load_json(world, "eval/test/pope.json")
+    for category in tasks.POPE_CATEGORIES:
+        answers = Counter(r["answer"] for r in pope if r["category"] == category)
+        assert answers == {"yes": SIZES.pope_test_per_category, "no": SIZES.pope_test_per_category}
+        official = load_json(world, f"eval/test/pope_{category}.jsonl")
+        assert [set(line) for line in official] == [{"question_id", "image", "text", "label"}] * len(official)
+        assert Counter(line["label"] for line in official) == answers
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert manifest["counts"]["test"]["ocr_small"] == SIZES.test_per_task
+
+
+def names_held_out_pair(question: str, answer: str) -> bool:
+    """Whether a question and its answer together name a held-out pair ("the green one?" "triangle").
+
+    A caption lists many objects, so only the phrase itself counts there.
+    """
+    if answer.startswith("The image shows"):
+        return any(phrase in answer for phrase in HELD_OUT_PHRASES)
+    words = set(re.findall(r"[a-z]+", f"{question} {answer}".lower()))
+    return any({colour, kind} <= words or {colour, kind + "s"} <= words for colour, kind in WorldSpec().held_out_pairs)
+
+
+def test_held_out_pairs_are_asked_only_in_the_test_split(world):
+    for relative in ("sft/single.json", "sft/multi.json", "sft/safety.json", "eval/validation/single.json"):
+        for record in load_json(world, relative):
+            assert not record["held_out"]
+            messages = [m["value"] for m in record["conversations"]]
+            for question, answer in zip(messages[::2], messages[1::2]):
+                assert not names_held_out_pair(question, answer), (relative, question, answer)
+    for record in load_json(world, "preference/train.jsonl"):
+        assert not any(p in record["chosen"] + record["rejected"] + record["prompt"] for p in HELD_OUT_PHRASES)
+    test = load_json(world, "eval/test/single.json") + load_json(world, "eval/test/multi.json")
+    held = [r for r in test if r["held_out"]]
+    focusable = {"colour", "shape", "position", "existence", "grounding", "multi_which", "multi_colour", "caption"}
+    assert held and {r["task"] for r in held} <= focusable
+
+
+def test_preference_pairs_follow_the_jsonl_schema(world):
+    for split in ("train", "validation"):
+        records = load_json(world, f"preference/{split}.jsonl")
+        assert len(records) == (SIZES.preference if split == "train" else SIZES.preference_validation)
+        for record in records:
+            assert record["prompt"].startswith("<image>\n") and len(record["images"]) == 1
+            assert (world / "images" / record["images"][0]).is_file()
+            assert record["chosen"] != record["rejected"] and record["hallucinated"]
+            assert record["task"] in ("preference_caption", "preference_existence")
+
+
+def test_mixtures_name_existing_files_and_the_data_readers_parse_every_sample(world):
+    mixture_module = pytest.importorskip("blip3.data.mixture")
+    readers = pytest.importorskip("blip3.data.readers")
+    records = pytest.importorskip("blip3.data.records")
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert set(manifest["mixtures"]) == {"stage0", "pretrain", "sft", "multi_image_sft", "dpo", "safety"}
+    parsed = Counter()
+    for stage, relative in manifest["mixtures"].items():
+        config = yaml.safe_load((world / relative).read_text())
+        assert config["stage"] == stage
+        for key in ("sources", "validation"):
+            if key not in config:
+                continue
+            mixture = mixture_module.Mixture.from_dict(config[key], base_dir=world)
+            for source in mixture.sources:
+                for shard in readers.open_shards(source.type, source.path, source.image_root, {"shuffle": False}):
+                    for _, row in shard.rows(seed=0, start=0):
+                        assert not isinstance(row, records.BadSample), row
+                        record = records.parse_record(row, source.format)
+                        parsed[source.format] += 1
+                        if source.format == "interleaved":
+                            assert sum(not isinstance(s, str) for s in record.segments) >= 2
+    assert set(parsed) == {"caption", "interleaved", "ocr", "grounding", "conversation", "preference"}
+
+
+def test_the_tokenizer_has_the_xgenmm_layout_and_spells_strings_by_letter(world):
+    tokenizer = load_world_tokenizer(world)
+    vocab = tokenizer.get_vocab()
+    image = vocab["<image>"]
+    assert [vocab["<image placeholder>"], vocab["<|endofchunk|>"]] == [image + 1, image + 2]
+    assert tokenizer.pad_token == "<pad>" and vocab["<pad>"] == image - 1 and len(tokenizer) == image + 3
+    assert all(token in vocab for token in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"))
+    assert tokenizer.tokenize("KMNA") == ["K", "M", "N", "A"]
+    text = 'What colour is the circle?\nThe image shows a red star at the top left and the text "PLX".'
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(tokenizer.tokenize("Give the bounding box of the red circle.")) <= 9  # the world's words are pieces
+
+
+@pytest.mark.parametrize("mode", ["anyres-patch", "anyres-fixed", "base"])
+def test_the_tiny_config_matches_the_tokenizer_and_trains_on_world_samples(world, mode):
+    tokenizer = load_world_tokenizer(world)
+    config = tiny_world_config(tokenizer, vision_token_mode=mode)
+    assert config.initial_tokenizer_len == tokenizer.convert_tokens_to_ids("<image>") == config.text_config.vocab_size
+    assert config.vocab_size == len(tokenizer)
+    assert config.stop_token_ids == tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
+    processor = Blip3Processor.from_config(config, tokenizer)  # raises if the special ids disagree
+    torch.manual_seed(0)
+    model = Blip3ForConditionalGeneration(config)
+    single, multi = load_json(world, "sft/single.json")[0], load_json(world, "sft/multi.json")[0]
+    images = [
+        [Image.open(world / "images" / single["image"])],
+        [Image.open(world / "images" / p) for p in multi["image"]],
+    ]
+    batch = processor.process_conversations([single["conversations"], multi["conversations"]], images)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and 4 < loss.item() < 9  # about ln(vocabulary) before training
+    loss.backward()
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is None  # frozen
+    assert model.model.token_sampler.latents.grad is not None
