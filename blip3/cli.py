@@ -144,10 +144,15 @@ def cmd_generate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from blip3.quickstart import run
-
     args.out.mkdir(parents=True, exist_ok=True)
-    run(args.out)
+    if args.quick:
+        from blip3.quickstart import run
+
+        run(args.out)
+    else:
+        from blip3.demo import run_demo
+
+        run_demo(args.out, profile_name=args.profile, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(run=cmd_generate)
 
-    demo = commands.add_parser("demo", help="the inference path end to end on a tiny model (offline, seconds)")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo writes its checkpoint")
+    demo = commands.add_parser(
+        "demo", help="the whole recipe on the synthetic world: data, stage 0, training stages, evaluation (CPU)"
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo writes everything")
+    demo.add_argument("--profile", choices=["full", "smoke"], default="full", help="smoke: a tiny version in a minute")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--quick", action="store_true", help="only the inference path on an untrained tiny model (seconds)"
+    )
     demo.set_defaults(run=cmd_demo)
 
     for module in COMMAND_MODULES:
@@ -208,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES: tuple[str, ...] = (
     "blip3.synthetic.cli",
     "blip3.training.cli",
+    "blip3.posttrain.cli",
     "blip3.serving.cli",
     "blip3.evaluation.cli",
 )

@@ -58,8 +58,8 @@ def test_generate_and_convert_with_a_processor(tmp_path, capsys):
     assert reprocessor.image_token_id == processor.image_token_id
 
 
-def test_demo_runs(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path)])
+def test_quick_demo_runs(tmp_path, capsys):
+    main(["demo", "--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "every tensor identical after the round trip: True" in out
     assert "batched generation equals one-by-one: True" in out
