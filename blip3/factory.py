@@ -19,7 +19,13 @@ from blip3.processing.processor import Blip3Processor
 
 
 def load_pretrained(path: str | Path, **model_kwargs) -> tuple[Blip3ForConditionalGeneration, Blip3Processor]:
-    """A model and its processor from a blip3 folder or a released xGen-MM checkpoint (no remote code)."""
+    """A model and its processor from a blip3 folder, a released xGen-MM checkpoint (no remote code), or a
+    LoRA checkpoint (an adapter folder naming its base): the adapter is merged into the base's weights."""
+    from blip3.training.lora import is_adapter_folder, load_adapted, merge_and_unload
+
+    if is_adapter_folder(path) and not Path(path, "config.json").is_file():
+        model, processor = load_adapted(path, **model_kwargs)
+        return merge_and_unload(model), processor
     model = Blip3ForConditionalGeneration.from_pretrained(path, **model_kwargs)
     return model, load_processor(path, model.config)
 

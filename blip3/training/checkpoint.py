@@ -7,6 +7,10 @@
         rng-rank<r>.safetensors                                   each rank's torch RNG states
         trainer_state.json                                        step, scheduler, data positions, Python/numpy RNG
 
+A LoRA run (`model.lora`) writes its adapter instead of the model — `adapter_config.json` and
+`adapter_model.safetensors` in PEFT's format, naming the base checkpoint — and resumes by loading it
+onto the re-built base (the frozen base weights never change, so this is exact).
+
 A checkpoint is written into `tmp-step-…` and renamed when complete, so a run killed at any moment
 leaves either the whole checkpoint or none: `--resume` takes the newest complete one. Nothing here is
 ever unpickled. Sharded (FSDP2) and replicated models go through `torch.distributed.checkpoint`'s
@@ -34,9 +38,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from blip3.training.distributed import Distributed, unwrap
+from blip3.training.lora import adapter_parameters_from_file, has_lora, save_adapter
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL_TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -132,13 +138,17 @@ def save_checkpoint(
     distributed.barrier()
 
     # collective: every rank takes part in gathering the full tensors; rank 0 receives them
-    model_state = get_model_state_dict(model, options=FULL)
+    lora = has_lora(unwrap(model))
+    model_state = get_model_state_dict(model, options=FULL_TRAINABLE if lora else FULL)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
     save_file(rng_tensors(), tmp / f"rng-rank{distributed.rank}.safetensors")
     positions = distributed.gather(trainer_state.pop("data_position", None))
 
     if distributed.is_main:
-        unwrap(model).save_pretrained(tmp, state_dict=model_state)
+        if lora:
+            save_adapter(unwrap(model), tmp, state_dict=model_state)
+        else:
+            unwrap(model).save_pretrained(tmp, state_dict=model_state)
         if processor is not None:
             processor.save_pretrained(tmp)
         tensors, groups = split_optimizer_state(optimizer_state)
@@ -166,7 +176,12 @@ def load_checkpoint(
             f"{path} was written by {state['world_size']} process(es), this run has {distributed.world_size}: "
             "data positions are per rank, so resume with the same number of processes"
         )
-    set_model_state_dict(model, load_file(path / "model.safetensors"), options=StateDictOptions(full_state_dict=True))
+    if has_lora(unwrap(model)):  # the adapter only: the frozen base came from model.init
+        adapter = adapter_parameters_from_file(unwrap(model), path)
+        set_model_state_dict(model, adapter, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        weights = load_file(path / "model.safetensors")
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     optimizer_state = join_optimizer_state(
         load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
     )

@@ -25,6 +25,7 @@ class ModelSection:
     language_model: str | None = None  # a causal LM folder or hub id (pre-training starts from Phi-3)
     train: list[str] = field(default_factory=lambda: ["token_sampler", "language_model", "lm_head"])
     gradient_checkpointing: bool = False
+    lora: dict[str, Any] | None = None  # LoRA adapters instead of full training (blip3.training.lora.LoraSettings)
 
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainSection:
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
+    objective: str = "sft"  # sft (next-token loss) | dpo (preference pairs; needs model.lora)
+    dpo: dict[str, Any] = field(default_factory=dict)  # DPO settings (blip3.training.dpo.DPOSettings)
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""The training loop shared by every stage of the recipe (pre-training, SFT, multi-image SFT).
+"""The training loop shared by every stage of the recipe (pre-training, SFT, multi-image SFT, DPO, safety).
 
     setup      processes, seeds, run folder, logs
-    model      preset or checkpoint (+ an optional stage-0 vision tower), which parts train
+    model      preset or checkpoint (+ an optional stage-0 vision tower), which parts train (or LoRA adapters)
     wrap       none / DDP / FSDP2; AdamW; warm-up + cosine (or linear/constant) schedule
     data       the mixture loader (its position is checkpoint state) and a validation loader
     resume     the newest complete checkpoint: weights, optimizer, schedule, data position, RNG
@@ -11,6 +11,11 @@
 The loss of one optimizer step is the mean cross-entropy over every supervised token of the global
 batch (all micro-batches, all ranks): each micro-batch's summed loss is divided by that total, so one
 process and N processes with the same global batch compute the same loss and gradients.
+
+`train.objective: dpo` swaps the micro-batch loss for DPO on preference pairs (`blip3.training.dpo`),
+normalised the same way by the global number of pairs; everything else (optimizer, schedule,
+checkpoints, resume, logs, DDP/FSDP2) is this loop. `model.lora` trains LoRA adapters only
+(`blip3.training.lora`); their checkpoints hold the adapter instead of the whole model.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from transformers import AutoTokenizer, get_scheduler
 from blip3.config import preset
 from blip3.data.collate import model_inputs
 from blip3.data.loader import build_loader
-from blip3.factory import load_processor
+from blip3.factory import load_pretrained, load_processor
 from blip3.modeling.model import Blip3ForConditionalGeneration, supervised_targets
 from blip3.processing.processor import Blip3Processor
 from blip3.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -47,7 +52,9 @@ from blip3.training.distributed import (
     unwrap,
     wrap_model,
 )
+from blip3.training.dpo import DPOObjective, DPOSettings
 from blip3.training.logs import RunLog, plot_losses
+from blip3.training.lora import LoraSettings, apply_lora, is_adapter_folder, lora_share
 
 TRAINABLE_PARTS = ("token_sampler", "language_model", "lm_head")
 
@@ -67,7 +74,11 @@ class RunResult:
 def build_model(config: TrainConfig) -> tuple[Blip3ForConditionalGeneration, Blip3Processor]:
     """The model to train and its processor: a preset with a tokenizer, or a checkpoint folder."""
     section = config.model
-    if Path(section.init, "config.json").is_file():
+    if is_adapter_folder(section.init):  # a LoRA checkpoint: its base with the adapter merged in
+        model, processor = load_pretrained(section.init, dtype=torch.float32)
+        if section.tokenizer:
+            processor = load_processor(section.tokenizer, model.config)
+    elif Path(section.init, "config.json").is_file():
         has_weights = any(Path(section.init).glob("*.safetensors"))
         if has_weights:
             model = Blip3ForConditionalGeneration.from_pretrained(section.init, dtype=torch.float32)
@@ -86,7 +97,10 @@ def build_model(config: TrainConfig) -> tuple[Blip3ForConditionalGeneration, Bli
         load_language_model(model, section.language_model)
     if section.vision_tower:
         load_vision_tower(model, section.vision_tower)
-    select_trainable(model, section.train)
+    if section.lora is None:
+        select_trainable(model, section.train)
+    else:
+        apply_model_lora(model, section)
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
@@ -134,6 +148,20 @@ def select_trainable(model: Blip3ForConditionalGeneration, parts: list[str]) -> 
         modules[part].requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model.train selects no parameters to train")
+
+
+def apply_model_lora(model: Blip3ForConditionalGeneration, section) -> None:
+    """LoRA adapters as `model.lora` says; they are all that trains (so the adapter-off model is the base)."""
+    if section.train:
+        raise ValueError(
+            f"model.lora is set: set model.train: [] (got {section.train}); with LoRA only the adapters train, "
+            "so switching them off gives back the base model (the DPO reference)"
+        )
+    if not (Path(section.init, "config.json").is_file() or is_adapter_folder(section.init)):
+        raise ValueError(
+            f"model.lora adapts trained weights: model.init must be a checkpoint folder, got {section.init!r}"
+        )
+    apply_lora(model, LoraSettings.from_dict(section.lora), base=str(Path(section.init).resolve()))
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, sharded: bool) -> torch.optim.Optimizer:
@@ -243,9 +271,15 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    dpo = build_objective(config, model, processor)
 
     # -- data
     loader = build_train_loader(config, processor, distributed)
+    if loader.plan.preference != (dpo is not None):
+        raise ValueError(
+            f"train.objective={config.train.objective!r} but the mixture holds "
+            f"{'preference pairs' if loader.plan.preference else 'no preference pairs'}"
+        )
     step, tokens_seen = 0, 0
 
     # -- resume
@@ -259,7 +293,12 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
             tqdm.write(f"resumed from {checkpoint} at step {step}")
 
     if distributed.is_main:
-        log.write({"kind": "start", "step": step, "trainable_parameters": trainable, "parameters": total})
+        start = {"kind": "start", "step": step, "trainable_parameters": trainable, "parameters": total}
+        if config.model.lora is not None:
+            share = lora_share(model)
+            start["lora"] = share.to_dict()
+            tqdm.write(share.describe())
+        log.write(start)
     progress = tqdm(
         total=config.train.steps, initial=step, desc=f"train {run_dir.name}", disable=not distributed.is_main
     )
@@ -272,21 +311,10 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
         micro_batches = list(itertools.islice(batches, config.train.grad_accum))
         if not distributed.all_true(bool(micro_batches)):  # data.epochs read to the end (on some rank)
             break
-        local_targets = sum(
-            int(supervised_targets(b["labels"], model.config.ignored_label_ids).sum()) for b in micro_batches
-        )
-        global_targets = distributed.sum(local_targets)
-        # each rank's gradient is averaged over ranks by DDP/FSDP: scale the normaliser to match
-        normaliser = max(global_targets, 1) / distributed.world_size
-        step_loss = 0.0
-        for index, batch in enumerate(micro_batches):
-            batch = to_device(model_inputs(batch), distributed.device)
-            last = index == len(micro_batches) - 1
-            with maybe_skip_gradient_sync(wrapped, skip=not last), autocast(config.train.precision, distributed.device):
-                out = wrapped(**batch, num_items_in_batch=normaliser)
-                loss = out.loss + unused_sampler_guard(wrapped, batch)
-            loss.backward()
-            step_loss += out.loss.detach().item() * normaliser  # this micro-batch's summed token loss
+        if dpo is None:
+            last_loss, global_targets, extra = _sft_micro_batches(config, wrapped, model, micro_batches, distributed)
+        else:
+            last_loss, global_targets, extra = _dpo_micro_batches(config, dpo, wrapped, micro_batches, distributed)
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip).item()
             if config.optim.grad_clip
@@ -297,7 +325,6 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(global_targets)
-        last_loss = distributed.sum(step_loss) / max(global_targets, 1)
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.4f}")
 
@@ -315,10 +342,11 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
                     "elapsed_s": elapsed,
                     "target_tokens_per_s": (tokens_seen - tokens_at_start) / elapsed,
                     "skipped": dict(loader.skipped),
+                    **extra,
                 }
             )
         if config.train.eval_every and step % config.train.eval_every == 0:
-            _evaluate(config, wrapped, model, processor, distributed, log, step, on_eval)
+            _evaluate(config, wrapped, model, processor, distributed, log, step, on_eval, dpo)
         if config.train.save_every and step % config.train.save_every == 0 and step < config.train.steps:
             _save(run_dir, step, wrapped, optimizer, scheduler, loader, tokens_seen, distributed, processor, config)
 
@@ -332,6 +360,59 @@ def _train(config, distributed, run_dir, resume, on_eval) -> RunResult:
         if (run_dir / "metrics.jsonl").is_file():
             plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return RunResult(run_dir, final, last_loss, step)
+
+
+def _sft_micro_batches(config, wrapped, model, micro_batches, distributed) -> tuple[float, float, dict]:
+    """Forward + backward of one step's micro-batches; (mean token loss, global target tokens, {})."""
+    local_targets = sum(
+        int(supervised_targets(b["labels"], model.config.ignored_label_ids).sum()) for b in micro_batches
+    )
+    global_targets = distributed.sum(local_targets)
+    # each rank's gradient is averaged over ranks by DDP/FSDP: scale the normaliser to match
+    normaliser = max(global_targets, 1) / distributed.world_size
+    step_loss = 0.0
+    for index, batch in enumerate(micro_batches):
+        batch = to_device(model_inputs(batch), distributed.device)
+        last = index == len(micro_batches) - 1
+        with maybe_skip_gradient_sync(wrapped, skip=not last), autocast(config.train.precision, distributed.device):
+            out = wrapped(**batch, num_items_in_batch=normaliser)
+            loss = out.loss + unused_sampler_guard(wrapped, batch)
+        loss.backward()
+        step_loss += out.loss.detach().item() * normaliser  # this micro-batch's summed token loss
+    return distributed.sum(step_loss) / max(global_targets, 1), global_targets, {}
+
+
+def _dpo_micro_batches(config, dpo, wrapped, micro_batches, distributed) -> tuple[float, float, dict]:
+    """The same for preference pairs: (mean DPO loss, global response tokens, per-pair means of the statistics)."""
+    global_pairs = distributed.sum(sum(dpo.num_pairs(b) for b in micro_batches))
+    normaliser = max(global_pairs, 1) / distributed.world_size  # as above, in pairs
+    sums: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with maybe_skip_gradient_sync(wrapped, skip=not last), autocast(config.train.precision, distributed.device):
+            loss, stats = dpo.micro_step(wrapped, batch, normaliser, distributed.device)
+            loss = loss + unused_sampler_guard(wrapped, batch["chosen"])
+        loss.backward()
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + value
+    totals = {name: distributed.sum(value) for name, value in sums.items()}
+    targets = totals.pop("target_tokens")
+    means = {name: value / max(global_pairs, 1) for name, value in totals.items()}
+    return means.pop("loss"), targets, {"pairs": int(global_pairs), **means}
+
+
+def build_objective(config: TrainConfig, model, processor) -> DPOObjective | None:
+    """None for the next-token loss; the DPO micro-batch loss for `train.objective: dpo`."""
+    objective = config.train.objective
+    if objective == "sft":
+        if config.train.dpo:
+            raise ValueError("train.dpo is set but train.objective is 'sft'")
+        return None
+    if objective != "dpo":
+        raise ValueError(f"train.objective must be sft or dpo, got {objective!r}")
+    if config.model.lora is None:
+        raise ValueError("train.objective=dpo takes its reference from the adapter-disabled model: set model.lora")
+    return DPOObjective(DPOSettings.from_dict(config.train.dpo), processor.pad_token_id)
 
 
 def _data_counts(loader, distributed: Distributed) -> dict[str, Any]:
@@ -358,10 +439,24 @@ def _resume_point(run_dir: Path, resume: bool | str) -> Path | None:
 
 
 @torch.no_grad()
-def _evaluate(config, wrapped, model, processor, distributed, log, step, on_eval) -> None:
+def _evaluate(config, wrapped, model, processor, distributed, log, step, on_eval, dpo=None) -> None:
     """Validation loss over a fixed set of batches (the same ones every time), plus any caller metrics."""
     record: dict[str, Any] = {"kind": "validation", "step": step}
-    if config.data.validation is not None:
+    if config.data.validation is not None and dpo is not None:
+        wrapped.eval()
+        loader = build_train_loader(config, processor, distributed, mixture=config.data.validation)
+        sums: dict[str, float] = {}
+        for _, batch in zip(range(config.train.eval_batches), loader):
+            with autocast(config.train.precision, distributed.device):
+                _, stats = dpo.micro_step(wrapped, batch, 1.0, distributed.device)
+            stats["pairs"] = dpo.num_pairs(batch)
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + value
+        totals = {name: distributed.sum(value) for name, value in sums.items()}
+        pairs = max(totals.pop("pairs"), 1)
+        record.update({name: value / pairs for name, value in totals.items() if name != "target_tokens"})
+        wrapped.train()
+    elif config.data.validation is not None:
         wrapped.eval()
         loader = build_train_loader(config, processor, distributed, mixture=config.data.validation)
         total, targets = 0.0, 0
