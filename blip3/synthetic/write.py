@@ -59,7 +59,7 @@ class WorldSizes:
     interleaved: int = 600
     ocr: int = 1500
     grounding: int = 1500
-    sft_single: int = 3000  # conversations of 1 to `max_turns` questions
+    sft_single: int = 3000  # conversations of `min_turns` to `max_turns` questions
     sft_multi: int = 1500
     sft_safety: int = 600
     preference: int = 600
@@ -70,6 +70,7 @@ class WorldSizes:
     pope_test_per_category: int = 50
     safety_validation: int = 60
     safety_test: int = 200
+    min_turns: int = 1
     max_turns: int = 3
     text_rate: float = 0.5  # share of single-image scenes with a string of text
     shard_size: int = 1000
@@ -322,7 +323,7 @@ TRAIN_QUESTION_WEIGHTS = {
 
 
 def part_sft_single(job: _Job) -> PartResult:
-    """Training conversations: one image, 1 to `max_turns` different questions about it."""
+    """Training conversations: one image, `min_turns` to `max_turns` different questions about it."""
     rng = job.rng("sft/single")
     result = PartResult("sft/single")
     images = ImageFolder(job.root, "train", "single")
@@ -331,7 +332,10 @@ def part_sft_single(job: _Job) -> PartResult:
     while len(records) < job.sizes.sft_single:
         scene = _scene_with_text_sometimes(rng, job.spec, job.sizes.text_rate)
         chosen = []
-        for _ in range(rng.randint(1, job.sizes.max_turns)):
+        wanted = rng.randint(job.sizes.min_turns, job.sizes.max_turns)
+        for _ in range(3 * wanted):  # a drawn question may not apply, or repeat an earlier one
+            if len(chosen) == wanted:
+                break
             name = rng.choices(names, weights)[0]
             qa = tasks.SINGLE_IMAGE_QUESTIONS[name](scene, rng, banned=job.held_out)
             if qa is not None and all(qa.question != other.question for other in chosen):
@@ -678,7 +682,11 @@ def build_world(
         for split, counter in result.counts.items():
             counts[split].update(counter)
 
-    texts = [XGENMM_SYSTEM_PROMPT] + [text for result in results for text in result.texts]
+    # The system prompt opens every conversation the model reads (training and evaluation alike), so it
+    # counts once per conversation: the tokenizer then spells it in a few dozen pieces, not ~90 bytes.
+    sizes = job.sizes
+    conversations = sizes.sft_single + sizes.sft_multi + sizes.sft_safety + sizes.preference
+    texts = [XGENMM_SYSTEM_PROMPT] * max(1, conversations) + [text for result in results for text in result.texts]
     tokenizer = build_world_tokenizer(texts, vocab_size=tokenizer_vocab_size)
     tokenizer.save_pretrained(root / "tokenizer")
 
