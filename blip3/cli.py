@@ -3,7 +3,7 @@
 blip3 info      configuration, parameters per part, vision tokens per image size (no weights loaded)
 blip3 convert   official xGen-MM layout ⇄ blip3's own
 blip3 generate  one prompt with one or more images -> text
-blip3 demo      the inference path end to end on a tiny model, offline
+blip3 demo      the whole recipe on the synthetic world, offline on a CPU (--quick: inference only)
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "blip3.posttrain.cli",
     "blip3.serving.cli",
     "blip3.evaluation.cli",
+    "blip3.ablation",
 )
 
 

@@ -66,11 +66,12 @@ EVAL_FILES = ("single", "multi", "pope", "safety")
 
 @dataclass
 class DemoPaths:
-    root: Path
+    root: Path  # the model's own folders: init, stages, report
+    shared: Path | None = None  # where the world and stage 0 live (default: root; the ablation shares them)
 
     @property
     def world(self) -> Path:
-        return self.root / "world"
+        return (self.shared or self.root) / "world"
 
     @property
     def init(self) -> Path:
@@ -78,7 +79,7 @@ class DemoPaths:
 
     @property
     def stage0(self) -> Path:
-        return self.root / "stage0"
+        return (self.shared or self.root) / "stage0"
 
     def stage(self, name: str) -> Path:
         return self.root / "stages" / name
@@ -123,13 +124,13 @@ def _sizes(profile: Profile) -> dict:
     return asdict(WorldSizes.smoke() if profile.world_sizes == "smoke" else WorldSizes.demo())
 
 
-def write_initial_model(paths: DemoPaths) -> None:
+def write_initial_model(paths: DemoPaths, vision_token_mode: str = "anyres-patch") -> None:
     """The model's configuration (no weights: the first stage starts from fresh ones) and its processor."""
     from blip3.synthetic.config import tiny_world_config
     from blip3.synthetic.tokenizer import load_world_tokenizer
 
     tokenizer = load_world_tokenizer(paths.world)
-    config = tiny_world_config(tokenizer)
+    config = tiny_world_config(tokenizer, vision_token_mode=vision_token_mode)
     paths.init.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(paths.init)
     Blip3Processor.from_config(config, tokenizer).save_pretrained(paths.init)
@@ -167,19 +168,23 @@ def stage_config(stage: str, paths: DemoPaths, profile: Profile, seed: int):
     return config
 
 
-def evaluate_stage(stage: str, paths: DemoPaths, profile: Profile) -> Any:
-    """Every test question of the world (up to `eval_limit_per_task` per task) on the stage's final model."""
+def evaluate_stage(
+    stage: str, paths: DemoPaths, profile: Profile, files: tuple[str, ...] = EVAL_FILES, label: str | None = None
+) -> Any:
+    """Every test question of the world's `files` (up to `eval_limit_per_task` per task) on the stage's final
+    model (a LoRA stage's adapter is merged into its base on loading)."""
     from blip3.evaluation import evaluate, load_synthetic
     from blip3.factory import load_pretrained
 
     model, processor = load_pretrained(paths.final_checkpoint(stage))
     items = []
-    for name in EVAL_FILES:
+    for name in files:
         items += _limit(load_synthetic(paths.world / "eval" / "test" / f"{name}.json"), profile.eval_limit_per_task)
+    label = label or stage
     results = evaluate(
-        model.eval(), processor, items, batch_size=profile.eval_batch_size, label=stage, benchmark="synthetic world"
+        model.eval(), processor, items, batch_size=profile.eval_batch_size, label=label, benchmark="synthetic world"
     )
-    results.save(paths.report / f"{stage}.json")
+    results.save(paths.report / f"{label}.json")
     return results
 
 
