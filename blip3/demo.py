@@ -38,7 +38,7 @@ class Profile:
     """How big each part of the demo is: `full` for `make demo`, `smoke` for the test suite."""
 
     world_sizes: str = "demo"
-    stage0_steps: int = 300
+    stage0_steps: int = 100
     recipes: dict[str, str] = field(default_factory=dict)  # stage -> recipe overrides ("train.steps=...")
     eval_limit_per_task: int | None = 60  # test questions per task and stage (None: all)
     eval_batch_size: int = 32

@@ -21,6 +21,7 @@ head, the loss and `generate()`. Both follow transformers' conventions (`from_pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,17 @@ class Blip3PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, TokenSampler):
+        if isinstance(module, TokenSampler):  # runs after its children: this overrides their N(0, 0.02)
             init.normal_(module.latents, mean=0.0, std=1.0)  # the original draws the latents from N(0, 1)
+            # The original builds the perceiver from plain nn.Linear layers and never re-initialises them:
+            # PyTorch's Kaiming-uniform defaults. N(0, 0.02) would make the attention branch ~30x smaller
+            # than the N(0, 1) latents, so a fresh sampler's output would hardly depend on the image.
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+                    if layer.bias is not None:
+                        bound = 1 / math.sqrt(layer.in_features)
+                        init.uniform_(layer.bias, -bound, bound)
 
 
 class Blip3Model(Blip3PreTrainedModel):
