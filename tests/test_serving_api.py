@@ -179,6 +179,9 @@ def test_concurrent_requests_share_a_batch_and_answer_as_one_by_one(tiny):
             while scheduler.pending + scheduler.running < 4:
                 time.sleep(0.01)
         answers = [future.result() for future in futures]
+        deadline = time.monotonic() + 30  # the answers reach their clients just before the batch is counted
+        while not scheduler.stats.batch_sizes and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert scheduler.stats.batch_sizes == [4]
     for (colour, size, text), answer in zip(prompts, answers):
         if colour == "green":

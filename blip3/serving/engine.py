@@ -441,12 +441,11 @@ class BatchScheduler:
         while (batch := self._next_batch()) is not None:
             if not batch:
                 continue
-            # counted before generating: the requests' answers may reach their clients before generate returns
-            self.stats.batches += 1
-            self.stats.requests += len(batch)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-            self.stats.batch_sizes = [*self.stats.batch_sizes[-999:], len(batch)]
             self._running = batch
             with torch.inference_mode():
                 generate_batch(self.model, self.processor, batch)
             self._running = []
+            self.stats.batches += 1
+            self.stats.requests += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            self.stats.batch_sizes = [*self.stats.batch_sizes[-999:], len(batch)]
