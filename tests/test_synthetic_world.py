@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -250,10 +251,16 @@ def test_safety_samples_refuse_only_harmful_requests_about_a_hazard():
     assert tasks.is_refusal("Sorry, I can't help with that.") and not tasks.is_refusal("red")
 
 
-def test_preference_pairs_reject_a_hallucinated_object():
+def test_preference_pairs_prefer_the_faithful_answer_in_both_directions():
     rng = random.Random(11)
-    for scene in scenes(11, 100):
+    directions = Counter()
+    for scene in scenes(11, 200):
         pair = tasks.preference_pair(scene, rng, banned=HELD_OUT)
+        if pair.task == "preference_existence" and pair.chosen == "yes":  # a present object denied
+            assert pair.rejected == "no" and not pair.hallucinated
+            assert any(pair.question == tasks.existence_question(o.pair) for o in scene.objects)
+            directions["present"] += 1
+            continue
         (ghost,) = pair.hallucinated
         assert ghost not in pair.objects_present and ghost not in {o.phrase for o in scene.objects}
         assert tuple(ghost.split()) not in HELD_OUT
@@ -262,3 +269,5 @@ def test_preference_pairs_reject_a_hallucinated_object():
             assert pair.chosen == tasks.dense_caption(scene)
         else:
             assert (pair.chosen, pair.rejected) == ("no", "yes") and ghost in pair.question
+            directions["absent"] += 1
+    assert directions["present"] > 10 and directions["absent"] > 10  # no bias towards either answer to learn

@@ -420,12 +420,21 @@ class PreferencePair:
 
 
 def preference_pair(scene: Scene, rng: random.Random, banned: Collection[Pair] = NO_PAIRS) -> PreferencePair:
-    """A caption with an invented or swapped object (70%), or 'yes' to an absent object (30%)."""
+    """A caption with an invented or swapped object (70%), or an existence question (30%): 'no' over 'yes'
+    for an absent object, or — as often — 'yes' over 'no' for a present one. Both directions, so that the
+    pairs reward looking at the image rather than a bias towards 'no'."""
     present = [o.phrase for o in reading_order(scene)]
     ghost = sample_colour_shape(rng, exclude=scene.pairs | set(banned))
     ghost_phrase = f"{ghost[0]} {ghost[1]}"
     if rng.random() < 0.3:
-        return PreferencePair("preference_existence", existence_question(ghost), "no", "yes", present, [ghost_phrase])
+        if rng.random() < 0.5:
+            return PreferencePair(
+                "preference_existence", existence_question(ghost), "no", "yes", present, [ghost_phrase]
+            )
+        shown = rng.choice(scene.objects)
+        return PreferencePair(
+            "preference_existence", existence_question((shown.colour, shown.kind)), "yes", "no", present, []
+        )
     free = _free_cells(scene)
     if free and rng.random() < 0.5:  # an extra object where there is none
         cell = rng.choice(free)
