@@ -4,6 +4,9 @@ blip3 info      configuration, parameters per part, vision tokens per image size
 blip3 convert   official xGen-MM layout ⇄ blip3's own
 blip3 generate  one prompt with one or more images -> text
 blip3 demo      the whole recipe on the synthetic world, offline on a CPU (--quick: inference only)
+
+and, from their packages: world, stage0 (the synthetic world), train, post-train, eval, eval-report,
+serve, chat, ablate.
 """
 
 from __future__ import annotations
