@@ -194,7 +194,11 @@ def test_dpo_on_two_processes_reproduces_the_single_process_losses(world, tmp_pa
     )
     run_blip3([str(DEMO / "dpo.yaml"), *single], processes=1)
     multi = demo_overrides(
-        world, "dpo", tmp_path / "multi", **common, **{"train.strategy": strategy, "train.save_every": 2}
+        world,
+        "dpo",
+        tmp_path / "multi",
+        **common,
+        **{"train.strategy": strategy, "train.save_every": 2, "train.keep_last": 2},
     )
     run_blip3([str(DEMO / "dpo.yaml"), *multi], processes=2)
     expected, actual = records(tmp_path / "single", "train"), records(tmp_path / "multi", "train")
