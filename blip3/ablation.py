@@ -34,8 +34,16 @@ def run_anyres_ablation(
     shared: Path | None = None,
 ) -> dict[str, dict]:
     """Train and evaluate each mode into `out_dir/<mode>`; returns {mode: {task: summary}}."""
-    from blip3.demo import PROFILES, DemoPaths, _Timer, build_world, evaluate_stage, stage_config, train_stage0
-    from blip3.demo import write_initial_model as write_init
+    from blip3.demo import (
+        PROFILES,
+        DemoPaths,
+        _Timer,
+        build_world,
+        evaluate_stage,
+        stage_config,
+        train_stage0,
+        write_initial_model,
+    )
     from blip3.evaluation.report import write_report
     from blip3.training.trainer import train
 
@@ -55,13 +63,13 @@ def run_anyres_ablation(
         console.print(f"stage 0: reusing {shared_paths.stage0}")
     else:
         with _Timer(timings, "stage0"):
-            write_init(shared_paths)
+            write_initial_model(shared_paths)
             train_stage0(shared_paths, profile, seed)
 
     results = []
     for mode in modes:
         paths = DemoPaths(out_dir / mode, shared=shared_paths.root)
-        write_init(paths, vision_token_mode=mode)
+        write_initial_model(paths, vision_token_mode=mode)
         for stage in ABLATION_STAGES:
             console.rule(f"[bold]{mode}: {stage}")
             with _Timer(timings, f"{mode}/{stage}"):

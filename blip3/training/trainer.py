@@ -25,6 +25,7 @@ import itertools
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,15 +387,14 @@ def _dpo_micro_batches(config, dpo, wrapped, micro_batches, distributed) -> tupl
     """The same for preference pairs: (mean DPO loss, global response tokens, per-pair means of the statistics)."""
     global_pairs = distributed.sum(sum(dpo.num_pairs(b) for b in micro_batches))
     normaliser = max(global_pairs, 1) / distributed.world_size  # as above, in pairs
-    sums: dict[str, float] = {}
+    sums: Counter[str] = Counter()
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         with maybe_skip_gradient_sync(wrapped, skip=not last), autocast(config.train.precision, distributed.device):
             loss, stats = dpo.micro_step(wrapped, batch, normaliser, distributed.device)
             loss = loss + unused_sampler_guard(wrapped, batch["chosen"])
         loss.backward()
-        for name, value in stats.items():
-            sums[name] = sums.get(name, 0.0) + value
+        sums.update(stats)
     totals = {name: distributed.sum(value) for name, value in sums.items()}
     targets = totals.pop("target_tokens")
     means = {name: value / max(global_pairs, 1) for name, value in totals.items()}
@@ -445,13 +445,11 @@ def _evaluate(config, wrapped, model, processor, distributed, log, step, on_eval
     if config.data.validation is not None and dpo is not None:
         wrapped.eval()
         loader = build_train_loader(config, processor, distributed, mixture=config.data.validation)
-        sums: dict[str, float] = {}
+        sums: Counter[str] = Counter()
         for _, batch in zip(range(config.train.eval_batches), loader):
             with autocast(config.train.precision, distributed.device):
                 _, stats = dpo.micro_step(wrapped, batch, 1.0, distributed.device)
-            stats["pairs"] = dpo.num_pairs(batch)
-            for name, value in stats.items():
-                sums[name] = sums.get(name, 0.0) + value
+            sums.update(stats, pairs=dpo.num_pairs(batch))
         totals = {name: distributed.sum(value) for name, value in sums.items()}
         pairs = max(totals.pop("pairs"), 1)
         record.update({name: value / pairs for name, value in totals.items() if name != "target_tokens"})
