@@ -54,13 +54,30 @@ def test_scene_geometry_holds_for_every_layout():
 
 def test_requested_counts_hold_and_text_yields_to_shapes():
     rng = random.Random(1)
-    for count in range(1, 6):
+    for count in range(1, SPEC.max_objects + 1):
         for _ in range(40):
             scene = sample_scene(rng, SPEC, num_objects=count, text="large")
             assert len(scene.objects) == count
             assert len(scene.texts) <= 1
+            cols, rows = scene.grid
+            assert cols * rows >= count  # the layout was drawn among those with room for the count
     with pytest.raises(ValueError, match="do not fit"):
-        sample_scene(rng, SPEC, num_objects=6, hazard=True, layout=(2, 1))  # a 3×2 grid holds six cells
+        sample_scene(rng, SPEC, num_objects=2, hazard=True, layout=(2, 1))  # two tiles hold two things
+    with pytest.raises(ValueError, match="no layout"):
+        sample_scene(rng, SPEC, num_objects=SPEC.max_objects, hazard=True)
+
+
+def test_every_object_lies_inside_one_tile_and_fills_most_of_it():
+    tile = SPEC.tile_size
+    low, high = SPEC.object_extent
+    for scene in scenes(3, 300, text="mixed"):
+        tiles = set()
+        for obj in scene.objects:
+            x1, y1, x2, y2 = obj.box
+            assert x1 // tile == (x2 - 1e-6) // tile and y1 // tile == (y2 - 1e-6) // tile, obj.box
+            tiles.add((x1 // tile, y1 // tile))
+            assert low * tile - 0.01 <= x2 - x1 <= high * tile + 0.01
+        assert len(tiles) == len(scene.objects)  # one object per tile: the sampler sees each one whole
 
 
 def test_every_shape_is_drawn_exactly_in_its_box_in_its_colour():
@@ -105,10 +122,19 @@ def test_the_hazard_marker_is_striped_black_and_yellow():
     assert scene.hazard.position == position_of(scene.hazard.box, scene.size)
 
 
-def test_cell_grids_follow_the_aspect_ratio():
-    assert cell_grid((112, 112)) == (3, 3)
-    assert cell_grid((112, 56)) == (3, 2)
-    assert cell_grid((56, 112)) == (2, 3)
+def test_the_placement_cells_are_the_tiles():
+    assert cell_grid((112, 112), 56) == (2, 2)
+    assert cell_grid((168, 56), 56) == (3, 1)
+    assert cell_grid((56, 112), 56) == (1, 2)
+    with pytest.raises(ValueError, match="whole number"):
+        cell_grid((100, 56), 56)
+    # every layout's tile centres fall in distinct thirds, so each tile has its own position word
+    for (cols, rows), _ in SPEC.layouts:
+        size = (cols * 56, rows * 56)
+        words = {
+            position_of((c * 56, r * 56, (c + 1) * 56, (r + 1) * 56), size) for c in range(cols) for r in range(rows)
+        }
+        assert len(words) == cols * rows
 
 
 # ---------------------------------------------------------------------------------------------------

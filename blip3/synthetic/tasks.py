@@ -28,7 +28,6 @@ from blip3.synthetic.world import (
     Scene,
     Shape,
     WorldSpec,
-    cell_grid,
     position_of,
     sample_colour_shape,
     sample_scene,
@@ -159,7 +158,7 @@ def ask_position(scene: Scene, rng: random.Random, banned: Pairs = NO_PAIRS, foc
 
 
 def ask_count(scene: Scene, rng: random.Random, banned: Pairs = NO_PAIRS, focus: Pairs = NO_PAIRS) -> QA | None:
-    """How many shapes, or shapes of one kind or one colour (always 1–5: only present kinds are asked)."""
+    """How many shapes, or shapes of one kind or one colour (1 to max_objects: only present kinds are asked)."""
     if not scene.objects:
         return None
     variant = rng.choices(("all", "kind", "colour"), (0.6, 0.2, 0.2))[0]
@@ -296,7 +295,11 @@ def multi_count(
         required = [(colour, kind) for colour in colours]
         scenes.append(
             sample_scene(
-                rng, spec, num_objects=max(1, count + rng.randint(0, 2)), required=required, forbidden=all_of_kind
+                rng,
+                spec,
+                num_objects=min(spec.max_objects, max(1, count + rng.randint(0, 2))),
+                required=required,
+                forbidden=all_of_kind,
             )
         )
     question = f"How many {PLURALS[kind]} are there in the images altogether?"
@@ -364,7 +367,9 @@ def interleaved_document(rng: random.Random, spec: WorldSpec) -> tuple[list[Scen
     """
     num_images = rng.randint(2, 3)
     scenes = [
-        sample_scene(rng, spec, num_objects=rng.randint(1, 4), text="mixed" if rng.random() < 0.3 else None)
+        sample_scene(
+            rng, spec, num_objects=rng.randint(1, spec.max_objects), text="mixed" if rng.random() < 0.3 else None
+        )
         for _ in range(num_images)
     ]
     texts: list[str | None] = [f"Here are {num_images} pictures of shapes."]
@@ -383,8 +388,11 @@ def interleaved_document(rng: random.Random, spec: WorldSpec) -> tuple[list[Scen
 
 
 def ocr_scene(rng: random.Random, spec: WorldSpec) -> Scene:
-    """Mostly text: one to three strings of mixed sizes, with up to two shapes."""
-    return sample_scene(rng, spec, num_objects=rng.randint(0, 2), text="mixed", num_texts=rng.randint(1, 3))
+    """Mostly text: one to three strings of mixed sizes, with up to two shapes (drawn again until a string fits)."""
+    while True:
+        scene = sample_scene(rng, spec, num_objects=rng.randint(0, 2), text="mixed", num_texts=rng.randint(1, 3))
+        if scene.texts:
+            return scene
 
 
 def ocr_annotation(scene: Scene) -> dict:
@@ -457,7 +465,7 @@ def preference_pair(scene: Scene, rng: random.Random, banned: Collection[Pair] =
 
 def _free_cells(scene: Scene) -> list[Box]:
     """The placement cells that no object, text or hazard overlaps."""
-    cols, rows = cell_grid(scene.size)
+    cols, rows = scene.grid
     cell_w, cell_h = scene.size[0] / cols, scene.size[1] / rows
     cells = [(c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h) for r in range(rows) for c in range(cols)]
     taken = [o.box for o in scene.objects] + [t.box for t in scene.texts]
@@ -500,7 +508,7 @@ def safety_sample(
         raise ValueError(f"safety kind must be one of {SAFETY_KINDS}, got {kind!r}")
     hazard = kind in ("harmful", "hazard_ordinary")
     while True:
-        scene = sample_scene(rng, spec, num_objects=rng.randint(1, 4), hazard=hazard)
+        scene = sample_scene(rng, spec, num_objects=rng.randint(1, max(1, spec.max_objects - hazard)), hazard=hazard)
         if kind == "harmful":
             return scene, QA("safety", rng.choice(HARMFUL_REQUESTS), REFUSAL), False
         qa = SINGLE_IMAGE_QUESTIONS[rng.choice(_ORDINARY)](scene, rng, banned)

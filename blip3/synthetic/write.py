@@ -634,9 +634,12 @@ def _mixtures(files: dict) -> dict[str, dict]:
         },
         "safety": {
             "stage": "safety",
+            # SFT data of both kinds keeps ordinary answering from eroding while refusals are learned: with
+            # single-image conversations alone, the multi-image tasks fell from ~45 % to ~0 in this stage.
             "sources": [
-                llava("sft_safety", files["sft_safety"], 0.6),
-                single | {"weight": 0.4},  # keeps ordinary answering from eroding while refusals are learned
+                llava("sft_safety", files["sft_safety"], 0.5),
+                single | {"weight": 0.25},
+                llava("sft_multi", files["sft_multi"], 0.25),
             ],
         },
     }
