@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
-from blip3.demo import STAGES, run_demo
+from blip3.demo import EVALUATED, STAGES, run_demo
 
 
 def test_smoke_demo_runs_every_stage_and_writes_the_report(tmp_path):
     summary = run_demo(tmp_path, profile_name="smoke")
-    assert list(summary) == list(STAGES)
+    assert list(summary) == list(EVALUATED)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["stages"] == list(STAGES)
+    assert report["stages"] == list(EVALUATED)
     for task in ("colour", "count", "ocr_small", "grounding", "multi_which", "pope", "safety"):
-        assert set(report["tasks"][task]["scores"]) == set(STAGES), task
+        assert set(report["tasks"][task]["scores"]) == set(EVALUATED), task
     assert (tmp_path / "report" / "scores.png").stat().st_size > 10_000
     assert "| task |" in (tmp_path / "report" / "report.md").read_text()
     for stage in STAGES:
