@@ -15,8 +15,9 @@ names one object, and one object per any-res tile, of nearly the same size every
   resolution, with no resampling. The placement cells are those tiles. The token sampler resamples
   each tile on its own, so an object that straddled a tile edge would reach the LM only in pieces, in
   different tiles' tokens, and its colour could not be bound to its shape: with a 3×3 grid of cells
-  over 2×2 tiles (an earlier version) the demo model stayed at chance on shape and position. One
-  object per tile also gives every object exactly one position word and a box nearly fixed by its tile.
+  over 2×2 tiles (an earlier version) the demo's SFT model answered shape questions at chance (13 %)
+  and captions at CIDEr 123; with one object per tile, 30 % and 188. One object per tile also gives
+  every object exactly one position word and a box nearly fixed by its tile.
 - Objects fill 75–85 % of their tile: with the size free to vary by more, a tiny tower's pooled
   features confuse a small square with a large star (a linear probe on mean-pooled tile features
   reads the shape 91 % of the time at 75–85 %, 65 % at 60–85 %).
