@@ -465,13 +465,10 @@ def preference_pair(scene: Scene, rng: random.Random, banned: Collection[Pair] =
 
 def _free_cells(scene: Scene) -> list[Box]:
     """The placement cells that no object, text or hazard overlaps."""
-    cols, rows = scene.grid
-    cell_w, cell_h = scene.size[0] / cols, scene.size[1] / rows
-    cells = [(c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h) for r in range(rows) for c in range(cols)]
     taken = [o.box for o in scene.objects] + [t.box for t in scene.texts]
     if scene.hazard is not None:
         taken.append(scene.hazard.box)
-    return [cell for cell in cells if not any(_overlap(cell, box) for box in taken)]
+    return [cell for cell in scene.cells() if not any(_overlap(cell, box) for box in taken)]
 
 
 def _overlap(a: Box, b: Box) -> bool:

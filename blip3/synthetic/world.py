@@ -177,6 +177,11 @@ class Scene:
         """(columns, rows) of tiles, which are the placement cells."""
         return cell_grid(self.size, self.tile_size)
 
+    def cells(self) -> list[Box]:
+        """The placement cells' pixel boxes (the tiles), row by row."""
+        cells = _Cells.of(self.size, self.tile_size)
+        return [cells.bounds(cell) for cell in cells.free]
+
     @property
     def pairs(self) -> set[Pair]:
         return {obj.pair for obj in self.objects}
