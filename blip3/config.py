@@ -49,6 +49,10 @@ class Blip3SamplerConfig(PreTrainedConfig):
     # r-v1's instruction-aware sampler (REFERENCE §1.4): the prompt's first tokens join the latent queries.
     instruction_aware: bool = False
     max_instruction_tokens: int = 256
+    # Not in xGen-MM (off for the released models): add to each view's tokens a learned projection of
+    # where the view lies in the image (`anyres.tile_position_codes`). The original's only tile-position
+    # signal is the order of the tiles' tokens, which a large LM learns to use and a tiny one does not.
+    tile_position_code: bool = False
 
 
 class Blip3Config(PreTrainedConfig):
@@ -122,6 +126,11 @@ class Blip3Config(PreTrainedConfig):
             raise ValueError("sampler_config.input_dim must equal vision_config.hidden_size")
         if self.sampler_config.output_dim != self.text_config.hidden_size:
             raise ValueError("sampler_config.output_dim must equal text_config.hidden_size")
+        if self.sampler_config.tile_position_code and self.stripe_regrouping:
+            raise ValueError(
+                "sampler_config.tile_position_code describes whole tiles, but stripe_regrouping resamples "
+                "stripes of the canvas: use one or the other"
+            )
 
     @property
     def vocab_size(self) -> int:

@@ -14,6 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 import blip3  # noqa: F401  (registers the Auto classes)
 from blip3.config import preset
 from blip3.interop.xgenmm import save_official
+from blip3.modeling.anyres import TILE_CODE_FREQUENCIES, TILE_CODE_WIDTH, tile_position_codes
 from blip3.modeling.model import Blip3ForConditionalGeneration
 from blip3.modeling.splice import IGNORE_INDEX, splice_vision_tokens
 from blip3.processing.anyres import plan_anyres
@@ -255,6 +256,61 @@ def test_instruction_aware_sampler_reads_the_prompt():
     vision = a.vision_mask[0]
     assert vision.sum() == 5 * 4
     assert not torch.equal(a.inputs_embeds[0][vision], b.inputs_embeds[0][vision])
+
+
+def test_tile_position_codes_describe_each_view_whatever_the_grid():
+    wide, tall, square = tile_position_codes((2, 1)), tile_position_codes((1, 3)), tile_position_codes((2, 2))
+    assert (
+        wide.shape == (3, TILE_CODE_WIDTH)
+        and tall.shape == (4, TILE_CODE_WIDTH)
+        and square.shape == (5, TILE_CODE_WIDTH)
+    )
+    assert torch.equal(wide[0], tall[0]) and torch.equal(tile_position_codes(None), wide[:1])  # the global view
+    for codes in (wide, tall, square):  # every view of an image has its own code
+        assert torch.cdist(codes, codes).add(torch.eye(len(codes))).min() > 0.1
+    x, y = slice(2, 2 + 2 * TILE_CODE_FREQUENCIES), slice(2 + 2 * TILE_CODE_FREQUENCIES, -2)
+    assert torch.allclose(square[1, x], wide[1, x]) and torch.allclose(square[1, x], square[3, x])  # left column
+    assert torch.allclose(square[1, y], square[2, y]) and torch.allclose(tall[2, y], wide[1, y])  # rows; middle
+
+
+def sampler_with_code(**overrides):
+    return dict(input_dim=16, output_dim=16, num_latents=4, tile_position_code=True, **overrides)
+
+
+@pytest.mark.parametrize("mode", ["anyres-patch", "anyres-fixed", "base"])
+def test_the_tile_position_code_adds_each_views_own_learned_code_to_its_tokens(mode):
+    plain, coded = (
+        tiny_model(vision_token_mode=mode),
+        tiny_model(vision_token_mode=mode, sampler_config=sampler_with_code()),
+    )
+    missing = coded.load_state_dict(plain.state_dict(), strict=False).missing_keys  # same weights otherwise
+    assert sorted(missing) == ["model.token_sampler.tile_position.bias", "model.token_sampler.tile_position.weight"]
+    size, ids = (640, 480), torch.tensor([[1, IMAGE, 5]])
+    tiles = random_tiles(plain, size)
+    with torch.no_grad():
+        before = plain.model.embed_inputs(ids, None, None, [[tiles]], [[size]])
+        after = coded.model.embed_inputs(ids, None, None, [[tiles]], [[size]])
+        q, views = 4, (len(tiles) if mode == "anyres-patch" else 1)
+        vision = before.vision_mask[0]
+        assert torch.equal(after.inputs_embeds[0][~vision], before.inputs_embeds[0][~vision])  # text untouched
+        shift = (after.inputs_embeds - before.inputs_embeds)[0][vision].view(views, q, -1)
+        grid = plain.config.image_grid(size) if views > 1 else None
+        expected = coded.model.token_sampler.tile_position(tile_position_codes(grid))
+    assert torch.allclose(shift, expected[:, None].expand_as(shift), atol=1e-5)
+    assert views == 1 or torch.cdist(expected, expected).add(torch.eye(views)).min() > 1e-3  # views told apart
+
+
+def test_tile_position_code_has_no_place_in_the_official_layout(tmp_path):
+    with pytest.raises(ValueError, match="stripe"):
+        tiny_model(stripe_regrouping=True, sampler_config=sampler_with_code())
+    model = tiny_model(sampler_config=sampler_with_code())
+    with pytest.raises(ValueError, match="official xGen-MM layout"):
+        save_official(model, tmp_path / "official")
+    assert not (tmp_path / "official").exists()
+    model.save_pretrained(tmp_path / "ours")
+    loaded = Blip3ForConditionalGeneration.from_pretrained(tmp_path / "ours")
+    assert loaded.config.sampler_config.tile_position_code
+    assert torch.equal(loaded.model.token_sampler.tile_position.weight, model.model.token_sampler.tile_position.weight)
 
 
 # -- saving and loading --------------------------------------------------------------------------

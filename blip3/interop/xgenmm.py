@@ -210,6 +210,11 @@ def official_loading_kwargs(official_config: dict[str, Any]) -> dict[str, Any]:
 
 def save_official(model, path: str | Path, max_shard_size: str | int = "5GB") -> None:
     """Write `model` in the official layout (config.json + `vlm.*` safetensors, sharded with an index if large)."""
+    if model.config.sampler_config.tile_position_code:
+        raise ValueError(
+            "this model uses tile_position_code, which the official xGen-MM layout has no place for; "
+            "save it in blip3's own format (save_pretrained) instead"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_to_official(model.config), indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,13 @@ cells, part of which is black letterbox. Two ways to hand that to the sampler:
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+TILE_CODE_FREQUENCIES = 4
+# [is the global view, is a tile, sin/cos of the centre's x and y at each frequency, 1/cols, 1/rows]
+TILE_CODE_WIDTH = 2 + 4 * TILE_CODE_FREQUENCIES + 2
 
 
 def letterbox_mask(image_size: tuple[int, int], grid: tuple[int, int], cells: int, device=None) -> torch.Tensor:
@@ -87,3 +93,23 @@ def merge_anyres_fixed(
     canvas = tiles_to_canvas(features[1:], grid, cells)  # [rows·g, cols·g, d]
     cropped = canvas[keep.any(dim=1)][:, keep.any(dim=0)]  # bars are whole rows or whole columns
     return torch.cat([features[0], cropped.flatten(0, 1)])
+
+
+def tile_position_codes(grid: tuple[int, int] | None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[1 + rows·cols, TILE_CODE_WIDTH]: where each view of an any-res image lies (row 0: the global view).
+
+    A tile is described by its centre in the image (x and y in [0, 1], as sin/cos of π·k·x, k = 1…4) and
+    its share of the width and height, so the code of "the left tile" is the same idea whatever the
+    grid; the global view has a code of its own. `grid` None: the global view alone (base mode, or
+    anyres-fixed's single resampled group). Used only with `Blip3SamplerConfig.tile_position_code`.
+    """
+    rows_of_codes = [[1.0, 0.0] + [0.0] * (4 * TILE_CODE_FREQUENCIES) + [1.0, 1.0]]
+    cols, rows = grid or (0, 0)
+    for index in range(cols * rows):  # row-major, like the tiles
+        centre_x, centre_y = (index % cols + 0.5) / cols, (index // cols + 0.5) / rows
+        code = [0.0, 1.0]
+        for centre in (centre_x, centre_y):
+            for k in range(1, TILE_CODE_FREQUENCIES + 1):
+                code += [math.sin(math.pi * k * centre), math.cos(math.pi * k * centre)]
+        rows_of_codes.append(code + [1.0 / cols, 1.0 / rows])
+    return torch.tensor(rows_of_codes, dtype=dtype, device=device)

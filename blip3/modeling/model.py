@@ -180,7 +180,13 @@ class Blip3Model(Blip3PreTrainedModel):
 
         media_mask = None if bool(media_mask.all()) else media_mask  # lets SDPA take its unmasked kernel
         tokens = self.token_sampler(media, media_mask, instruction, instruction_mask)  # [rows, q, d_llm]
-        return [t.flatten(0, 1) for t in tokens.split(tiles_per_group)]
+        per_image = tokens.split(tiles_per_group)
+        if cfg.sampler_config.tile_position_code:
+            per_image = [
+                self.token_sampler.locate(t, cfg.image_grid(size) if len(t) > 1 else None)
+                for t, size in zip(per_image, images.image_sizes)
+            ]
+        return [t.flatten(0, 1) for t in per_image]
 
     # -- inputs ------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ A fixed set of learned latents cross-attends to one tile's vision features and c
 
 Letterbox cells of the media are masked out of the keys; the latent keys never are, so no row of
 the softmax is ever empty. There are no positional embeddings: only *which* cells a tile holds matters.
+(With the optional `tile_position_code`, not the original's, `locate` adds where each view lies.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blip3.config import Blip3SamplerConfig
+from blip3.modeling.anyres import TILE_CODE_WIDTH, tile_position_codes
 
 
 class PerceiverAttention(nn.Module):
@@ -86,6 +88,8 @@ class TokenSampler(nn.Module):
             self.text_projection = nn.Sequential(
                 nn.Linear(config.output_dim, config.input_dim), nn.GELU(), nn.Linear(config.input_dim, config.input_dim)
             )
+        if config.tile_position_code:  # our addition, off for the released models (see the config)
+            self.tile_position = nn.Linear(TILE_CODE_WIDTH, config.output_dim)
 
     def forward(
         self,
@@ -111,3 +115,11 @@ class TokenSampler(nn.Module):
             latents = layer(media, latents, key_mask)
         latents = latents[:, : self.config.num_latents]
         return self.projection(self.norm(latents))  # [n, num_latents, d_llm]
+
+    def locate(self, tokens: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        """One image's tokens [views, q, d_llm] plus the learned code of where each view lies (`grid`
+        None: a single global view). Only with `tile_position_code`."""
+        codes = tile_position_codes(grid, device=tokens.device, dtype=tokens.dtype)
+        if len(codes) != len(tokens):
+            raise ValueError(f"{len(tokens)} views of an image but grid {grid} makes {len(codes)}")
+        return tokens + self.tile_position(codes)[:, None]
