@@ -12,7 +12,15 @@ from blip3 import Blip3ForConditionalGeneration
 from blip3.cli import main
 from blip3.processing import anyres
 from blip3.synthetic.config import tiny_world_config
-from blip3.synthetic.stage0 import Stage0Settings, caption_of_region, load_vision_tower, tile_regions, train_stage0
+from blip3.synthetic.stage0 import (
+    Stage0Settings,
+    build_siglip,
+    caption_of_region,
+    load_vision_tower,
+    sincos_2d,
+    tile_regions,
+    train_stage0,
+)
 from blip3.synthetic.tokenizer import load_world_tokenizer
 from blip3.synthetic.write import WorldSizes, build_world
 
@@ -62,6 +70,22 @@ def trained(tmp_path_factory):
     settings = Stage0Settings(steps=12, batch_size=16, warmup_steps=2, text_width=32, text_layers=1, log_every=1)
     metrics = train_stage0(root / "world", root / "out", settings, config=config, progress=False)
     return root, config, metrics
+
+
+def test_the_tower_starts_with_2d_sincos_positions_at_the_patches_scale(trained):
+    root, config, _ = trained
+    codes = sincos_2d(7, 96)
+    assert codes.shape == (49, 96)
+    assert torch.allclose(codes.norm(dim=1), torch.full((49,), 48**0.5), atol=1e-5)  # sin² + cos² per frequency
+    assert torch.cdist(codes, codes).add(torch.eye(49)).min() > 0.5  # every patch's code is its own
+    # row-major like the patches: the first half of the channels follows the row, the second the column
+    assert torch.equal(codes[1, :48], codes[0, :48]) and not torch.equal(codes[7, :48], codes[0, :48])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_2d(7, 30)
+    model = build_siglip(config.vision_config, load_world_tokenizer(root / "world"), Stage0Settings())
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    expected = sincos_2d(grid, config.vision_config.hidden_size)
+    assert torch.equal(model.vision_model.embeddings.position_embedding.weight, expected)
 
 
 def test_stage0_lowers_the_sigmoid_loss_and_logs_it(trained):

@@ -175,7 +175,27 @@ def build_siglip(vision_config: SiglipVisionConfig, tokenizer: PreTrainedTokeniz
     with torch.no_grad():  # SigLIP's initial temperature and bias (Zhai et al. 2023): t' = log 10, b = -10
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
+        # Position embeddings start as 2-D sin-cos (as in MAE), at about the patch embeddings' scale. From
+        # the default N(0, 1/width) start they stay ~10× smaller than the patches' content, and the patch
+        # features forget where they are: the token sampler, which pools patches, then cannot say where
+        # an object is (a probe read a colour's position off its global-view tokens 38–45 % of the time).
+        embeddings = model.vision_model.embeddings
+        grid = vision_config.image_size // vision_config.patch_size
+        embeddings.position_embedding.weight.copy_(sincos_2d(grid, vision_config.hidden_size))
     return model
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """[grid², width] fixed 2-D sin-cos position codes, rows then columns (row-major like the patches)."""
+    if width % 4:
+        raise ValueError(f"width {width} must be a multiple of 4 for 2-D sin-cos codes")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    codes = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angles = coordinate[:, None].double() * frequencies[None]
+        codes += [angles.sin(), angles.cos()]
+    return torch.cat(codes, dim=1).float()
 
 
 @torch.no_grad()
