@@ -145,6 +145,16 @@ def test_conversations_follow_the_llava_schema_with_their_metadata(world):
     assert len(ids) == len(set(ids))
 
 
+def test_training_existence_questions_are_balanced_between_yes_and_no(world):
+    answers = Counter(
+        turn["answer"]
+        for record in load_json(world, "sft/single.json")
+        for turn in record.get("turns", [{"task": record["task"], "answer": record["answer"]}])
+        if turn["task"] == "existence"
+    )
+    assert answers["yes"] >= 3 and abs(answers["yes"] - answers["no"]) <= 1, answers
+
+
 def test_evaluation_sets_cover_every_task_with_the_right_counts(world):
     single = load_json(world, "eval/test/single.json")
     assert Counter(r["task"] for r in single) == {task: SIZES.test_per_task for task in tasks.SINGLE_IMAGE_TASKS}

@@ -55,6 +55,13 @@ SHAPE_WEIGHTS = (0.25, 0.22, 0.19, 0.18, 0.16)
 # digit runs (from box coordinates) into multi-digit pieces, and an OCR answer is easier to learn when
 # every character is one token.
 TEXT_ALPHABET = "ACEHKLMNPRTUXY"
+# The strings the world writes: short words in that alphabet, as signs and labels are in real OCR data.
+# No two are anagrams of each other, so a word can be told from the letters it holds alone; random
+# letters would need their reading order, which a tile's few pooled tokens keep poorly.
+TEXT_WORDS = tuple(
+    "CAT HAT MAP NET PEN RAY TAX YAK ELK HEN HUT LAP NUT RUN CUP AXE EMU KEY ACE ARC YEN HUE "
+    "LAKE HELP PARK CLAY MARK TUNA NEXT PALE RANK CAKE HAUL CULT KELP MYTH LYNX PLAY TRAY NAME LUCK".split()
+)
 TEXT_COLOUR = (20, 20, 20)
 TEXT_SIZES = ("small", "large")
 
@@ -83,6 +90,7 @@ class WorldSpec:
     layouts: image shapes in tiles as (columns, rows), with their weights; every tile is a placement cell,
         so an image holds as many objects (+ text, hazard) as it has tiles.
     object_extent: an object's side as a fraction of its tile's, drawn uniformly in this range.
+    words: the strings text labels are drawn from (two or more letters of `TEXT_ALPHABET` each).
     small_text_scale, large_text_scale: font size as a fraction of `tile_size` (≈ 10 and 20 px at 56).
     held_out_pairs: colour × shape pairs that training and validation questions never ask or answer
         about; the test split asks about them (pre-training captions still show them, as web data would).
@@ -97,7 +105,7 @@ class WorldSpec:
         ((1, 3), 0.125),
     )
     object_extent: tuple[float, float] = (0.75, 0.85)
-    text_lengths: tuple[int, ...] = (3, 4)
+    words: tuple[str, ...] = TEXT_WORDS
     small_text_scale: float = 0.18
     large_text_scale: float = 0.36
     min_objects: int = 1
@@ -114,6 +122,9 @@ class WorldSpec:
         for colour, kind in self.held_out_pairs:
             if colour not in COLOURS or kind not in SHAPES:
                 raise ValueError(f"held-out pair ({colour}, {kind}) is not a colour × shape of this world")
+        for word in self.words:
+            if len(word) < 2 or not set(word) <= set(TEXT_ALPHABET):
+                raise ValueError(f"text word {word!r} must be two or more letters of {TEXT_ALPHABET!r}")
         if not 1 <= self.min_objects <= self.max_objects <= self.max_cells:
             raise ValueError(
                 f"object counts must satisfy 1 <= min_objects <= max_objects <= {self.max_cells} (the most tiles of a layout)"
@@ -296,7 +307,7 @@ def sample_colour_shape(rng: random.Random, exclude: Collection[Pair]) -> Pair:
 
 
 def sample_text(rng: random.Random, spec: WorldSpec) -> str:
-    return "".join(rng.choices(TEXT_ALPHABET, k=rng.choice(spec.text_lengths)))
+    return rng.choice(spec.words)
 
 
 def sample_layout(rng: random.Random, spec: WorldSpec, min_cells: int = 1) -> tuple[int, int]:
