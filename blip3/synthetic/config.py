@@ -28,10 +28,11 @@ def tiny_world_config(
     vision_width: int = 96,
     vision_layers: int = 3,
     vision_heads: int = 4,
-    num_latents: int = 16,
+    num_latents: int = 8,
     sampler_depth: int = 2,
     sampler_heads: int = 4,
     sampler_dim_head: int = 32,
+    tile_position_code: bool = True,
     text_width: int = 192,
     text_layers: int = 3,
     text_heads: int = 6,
@@ -39,7 +40,11 @@ def tiny_world_config(
 ) -> Blip3Config:
     """A `Blip3Config` whose vocabulary layout is `tokenizer`'s (the xGen-MM tokens are added if missing).
 
-    `image_size` must be the world's `WorldSpec.tile_size` for tiles to be cut without resampling;
+    `image_size` must be the world's `WorldSpec.tile_size` for tiles to be cut without resampling.
+    `tile_position_code` (not in xGen-MM) tells each view's tokens where the view lies; a 3-layer LM does
+    not learn to tell the tiles apart by the order of their tokens. After pre-training and SFT on one
+    world: position 30 % and grounding 15 % without it, 43 % and 37 % with it, 63 % and 60 % with it
+    and 8 latents instead of 16 (which also train ~20 % faster).
     `overrides` set other top-level `Blip3Config` fields (e.g. `stripe_regrouping`).
     """
     ids = add_xgenmm_special_tokens(tokenizer)
@@ -71,6 +76,7 @@ def tiny_world_config(
             heads=sampler_heads,
             dim_head=sampler_dim_head,
             ff_mult=2,
+            tile_position_code=tile_position_code,
         ),
         text_config=dict(
             model_type="phi3",
