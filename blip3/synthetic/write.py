@@ -71,7 +71,7 @@ class WorldSizes:
     safety_validation: int = 60
     safety_test: int = 200
     min_turns: int = 3  # 3–6 rather than 1–3: more answers per image for a little more compute; after SFT
-    max_turns: int = 6  # from the same pre-trained model, caption CIDEr 326 vs 188, other tasks level
+    max_turns: int = 6  # from the same pre-trained model, caption CIDEr 326 vs 188, position 27 vs 15 %
     text_rate: float = 0.5  # share of single-image scenes with a string of text
     shard_size: int = 1000
 
