@@ -27,6 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO, REAL = REPO / "configs" / "demo", REPO / "configs" / "xgen-mm-phi3-mini"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as the resumed runs' subprocesses use: bit-identical losses need the same reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The smoke-sized synthetic world and an untrained world model saved as the "SFT" checkpoint."""
