@@ -25,6 +25,22 @@ CORPUS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Tiny models run as fast on one thread (a second only fights other jobs for a busy machine's
+    cores), and a run compared bit for bit with one in a subprocess started with OMP_NUM_THREADS=1
+    must sum in the same order.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_test_tokenizer(phi3_layout: bool = True):
     from blip3.processing.tokenizer import build_tokenizer
 

@@ -26,14 +26,7 @@ from blip3.training.trainer import apply_model_lora, build_model, train
 REPO = Path(__file__).resolve().parents[1]
 DEMO, REAL = REPO / "configs" / "demo", REPO / "configs" / "xgen-mm-phi3-mini"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as the resumed runs' subprocesses use: bit-identical losses need the same reduction order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

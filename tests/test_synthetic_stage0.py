@@ -24,14 +24,7 @@ from blip3.synthetic.stage0 import (
 from blip3.synthetic.tokenizer import load_world_tokenizer
 from blip3.synthetic.write import WorldSizes, build_world
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread; a second only fights other jobs for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tile_regions_tile_the_image_row_major():

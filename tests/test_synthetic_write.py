@@ -25,14 +25,7 @@ from blip3.synthetic.write import WorldSizes, build_world
 SIZES = WorldSizes.smoke()
 HELD_OUT_PHRASES = [f"{colour} {kind}" for colour, kind in WorldSpec().held_out_pairs]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread; a second only fights other jobs for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
