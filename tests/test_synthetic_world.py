@@ -248,6 +248,37 @@ def test_multi_image_answers_are_correct_by_construction():
             assert tasks.image_prompt(num_images, qa.question).count("<image>") == len(scenes_) == num_images
 
 
+def test_follow_up_questions_fit_whatever_images_they_are_asked_about():
+    rng = random.Random(11)
+    asked = Counter()
+    for _ in range(300):
+        images = [sample_scene(rng, SPEC) for _ in range(rng.choice((2, 3, 4)))]
+        counts = [len(s.objects) for s in images]
+        for ask in tasks.MULTI_IMAGE_FOLLOW_UPS:
+            qa = ask(images, rng, banned=HELD_OUT)
+            if qa is None:
+                continue
+            asked[qa.task] += 1
+            assert not qa.names_any(HELD_OUT)
+            if qa.task == "multi_which":
+                assert [k for k, s in enumerate(images) if qa.subjects[0] in s.pairs] == [int(qa.answer) - 1]
+            elif qa.task == "multi_count":
+                kind = next(k for k, plural in tasks.PLURALS.items() if f" {plural} " in qa.question)
+                assert qa.answer == str(sum(o.kind == kind for s in images for o in s.objects))
+                assert 1 <= int(qa.answer) <= 5
+            elif qa.task == "multi_compare":
+                pick = max if "most" in qa.question else min
+                assert counts.count(pick(counts)) == 1 and qa.answer == str(counts.index(pick(counts)) + 1)
+            else:
+                index = int(re.search(r"in image (\d)", qa.question).group(1)) - 1
+                (obj,) = [o for o in images[index].objects if o.kind == qa.question.split()[4]]
+                assert obj.colour == qa.answer
+    assert set(asked) == set(tasks.MULTI_IMAGE_TASKS) and min(asked.values()) > 100
+    # Images that allow no question of a kind get none: two identical one-object images.
+    twins = [sample_scene(random.Random(0), SPEC, num_objects=1)] * 2
+    assert tasks.ask_which(twins, rng) is None and tasks.ask_most(twins, rng) is None
+
+
 def test_pope_questions_are_balanced_and_follow_their_category():
     rng = random.Random(9)
     for category in tasks.POPE_CATEGORIES:

@@ -350,6 +350,60 @@ MULTI_IMAGE_QUESTIONS = {
 MULTI_IMAGE_TASKS = tuple(MULTI_IMAGE_QUESTIONS)
 
 
+# Further questions about images that are already drawn (the generators above draw the images to fit
+# their question; these ask whatever the images happen to allow, or return None).
+
+
+def ask_which(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
+    """'Which image shows a red circle?' about a pair that exactly one of the images holds."""
+    holders = [(pair, k) for k, scene in enumerate(scenes) for pair in scene.pairs if pair not in banned]
+    unique = sorted((pair, k) for pair, k in holders if sum(pair in scene.pairs for scene in scenes) == 1)
+    if not unique:
+        return None
+    target, shown = rng.choice(unique)
+    question = f"Which image shows {with_article(' '.join(target))}? Answer with the image number."
+    return QA("multi_which", question, str(shown + 1), subjects=(target,))
+
+
+def ask_total(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
+    """'How many circles are there in the images altogether?' for a kind shown 1 to 5 times in all."""
+    totals = {kind: sum(o.kind == kind for scene in scenes for o in scene.objects) for kind in SHAPES}
+    kinds = sorted(kind for kind, total in totals.items() if 1 <= total <= 5)
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    return QA("multi_count", f"How many {PLURALS[kind]} are there in the images altogether?", str(totals[kind]))
+
+
+def ask_most(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
+    """'Which image has the most (fewest) shapes?' where that image is the only one with so many (few)."""
+    counts = [len(scene.objects) for scene in scenes]
+    asks = [(word, pick) for word, pick in (("most", max), ("fewest", min)) if counts.count(pick(counts)) == 1]
+    if not asks:
+        return None
+    word, pick = rng.choice(asks)
+    question = f"Which image has the {word} shapes? Answer with the image number."
+    return QA("multi_compare", question, str(counts.index(pick(counts)) + 1))
+
+
+def ask_colour_in(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
+    """'What colour is the circle in image 2?' about the only shape of its kind in that image."""
+    candidates = [
+        (k, o)
+        for k, scene in enumerate(scenes)
+        for o in scene.objects
+        if o.pair not in banned and _unique(scene, "kind", o.kind)
+    ]
+    if not candidates:
+        return None
+    k, target = rng.choice(candidates)
+    question = f"What colour is the {target.kind} in image {k + 1}?"
+    return QA("multi_colour", question, target.colour, subjects=(target.pair,))
+
+
+MULTI_IMAGE_FOLLOW_UPS = (ask_which, ask_total, ask_most, ask_colour_in)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pre-training samples
 

@@ -60,7 +60,7 @@ class WorldSizes:
     ocr: int = 1500
     grounding: int = 1500
     sft_single: int = 3000  # conversations of `min_turns` to `max_turns` questions
-    sft_multi: int = 1500
+    sft_multi: int = 1500  # conversations: the question their images were drawn for, then up to `multi_turns` - 1 more
     sft_safety: int = 600
     preference: int = 600
     preference_validation: int = 100
@@ -72,6 +72,7 @@ class WorldSizes:
     safety_test: int = 200
     min_turns: int = 3  # 3–6 rather than 1–3: more answers per image for a little more compute; after SFT
     max_turns: int = 6  # from the same pre-trained model, caption CIDEr 326 vs 188, position 27 vs 15 %
+    multi_turns: int = 4
     text_rate: float = 0.5  # share of single-image scenes with a string of text
     shard_size: int = 1000
 
@@ -368,6 +369,8 @@ def _multi_image_num(rng: random.Random) -> int:
 
 
 def part_sft_multi(job: _Job) -> PartResult:
+    """Training conversations over 2–4 images: the question the images were drawn for, then (up to
+    `multi_turns` in all) other multi-image questions the same images allow, each of a different task."""
     rng = job.rng("sft/multi")
     result = PartResult("sft/multi")
     images = ImageFolder(job.root, "train", "multi")
@@ -375,10 +378,17 @@ def part_sft_multi(job: _Job) -> PartResult:
     for index in range(job.sizes.sft_multi):
         task = rng.choice(tasks.MULTI_IMAGE_TASKS)
         scenes, qa = tasks.MULTI_IMAGE_QUESTIONS[task](rng, job.spec, _multi_image_num(rng), banned=job.held_out)
+        chosen = [qa]
+        for ask in rng.sample(tasks.MULTI_IMAGE_FOLLOW_UPS, len(tasks.MULTI_IMAGE_FOLLOW_UPS)):
+            follow_up = ask(scenes, rng, banned=job.held_out)
+            if len(chosen) < job.sizes.multi_turns and follow_up and follow_up.task != qa.task:
+                chosen.append(follow_up)
         paths = [images.save(scene, f"{index:06d}-{k}") for k, scene in enumerate(scenes)]
-        turns = [(tasks.image_prompt(len(scenes), qa.question), qa)]
+        turns = [
+            (tasks.image_prompt(len(scenes), qa.question) if k == 0 else qa.question, qa) for k, qa in enumerate(chosen)
+        ]
         records.append(conversation_record(f"multi-train-{index:06d}", paths, turns, "train", job.held_out))
-        counts[qa.task] += 1
+        counts.update(qa.task for qa in chosen)
         result.texts += _qa_texts(turns)
     write_json_list(job.root / "sft/multi.json", records)
     result.files["sft_multi"] = ["sft/multi.json"]
