@@ -148,6 +148,14 @@ def test_training_existence_questions_are_balanced_between_yes_and_no(world):
     assert answers["yes"] >= 3 and abs(answers["yes"] - answers["no"]) <= 1, answers
 
 
+def test_multi_image_conversations_ask_several_different_questions(world):
+    records = load_json(world, "sft/multi.json")
+    turns = [[turn["task"] for turn in record.get("turns", [{"task": record["task"]}])] for record in records]
+    assert all(len(asked) == len(set(asked)) <= SIZES.multi_turns for asked in turns)
+    assert all(set(asked) <= set(tasks.MULTI_IMAGE_TASKS) for asked in turns)
+    assert sum(len(asked) > 1 for asked in turns) >= len(records) / 2
+
+
 def test_evaluation_sets_cover_every_task_with_the_right_counts(world):
     single = load_json(world, "eval/test/single.json")
     assert Counter(r["task"] for r in single) == {task: SIZES.test_per_task for task in tasks.SINGLE_IMAGE_TASKS}
