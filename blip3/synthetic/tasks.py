@@ -253,6 +253,28 @@ SINGLE_IMAGE_TASKS = (
 # Multi-image questions: each returns the scenes (in prompt order) and the question
 
 
+def which_image(pair: Pair, shown: int) -> QA:
+    """'Which image shows a red circle?' — image `shown` (0-based) does."""
+    question = f"Which image shows {with_article(' '.join(pair))}? Answer with the image number."
+    return QA("multi_which", question, str(shown + 1), subjects=(pair,))
+
+
+def total_of_kind(kind: str, total: int) -> QA:
+    """'How many circles are there in the images altogether?'"""
+    return QA("multi_count", f"How many {PLURALS[kind]} are there in the images altogether?", str(total))
+
+
+def most_or_fewest(word: str, index: int) -> QA:
+    """'Which image has the most (`word`) shapes?' — image `index` (0-based) has."""
+    return QA("multi_compare", f"Which image has the {word} shapes? Answer with the image number.", str(index + 1))
+
+
+def colour_in_image(pair: Pair, index: int) -> QA:
+    """'What colour is the circle in image 2?' about `pair`, in image `index` (0-based)."""
+    colour, kind = pair
+    return QA("multi_colour", f"What colour is the {kind} in image {index + 1}?", colour, subjects=(pair,))
+
+
 def image_prompt(num_images: int, question: str) -> str:
     """'Image 1: <image>\\nImage 2: <image>\\nQuestion' — numbered, so answers can name an image."""
     return "".join(f"Image {k + 1}: <image>\n" for k in range(num_images)) + question
@@ -275,8 +297,7 @@ def multi_which(
         )
         for k in range(num_images)
     ]
-    question = f"Which image shows {with_article(' '.join(target))}? Answer with the image number."
-    return scenes, QA("multi_which", question, str(shown + 1), subjects=(target,))
+    return scenes, which_image(target, shown)
 
 
 def multi_count(
@@ -302,8 +323,7 @@ def multi_count(
                 forbidden=all_of_kind,
             )
         )
-    question = f"How many {PLURALS[kind]} are there in the images altogether?"
-    return scenes, QA("multi_count", question, str(total))
+    return scenes, total_of_kind(kind, total)
 
 
 def multi_compare(
@@ -313,10 +333,8 @@ def multi_compare(
     counts = rng.sample(range(spec.min_objects, spec.max_objects + 1), num_images)
     scenes = [sample_scene(rng, spec, num_objects=count) for count in counts]
     if rng.random() < 0.5:
-        question, answer = "Which image has the most shapes?", counts.index(max(counts))
-    else:
-        question, answer = "Which image has the fewest shapes?", counts.index(min(counts))
-    return scenes, QA("multi_compare", f"{question} Answer with the image number.", str(answer + 1))
+        return scenes, most_or_fewest("most", counts.index(max(counts)))
+    return scenes, most_or_fewest("fewest", counts.index(min(counts)))
 
 
 def multi_colour(
@@ -337,8 +355,7 @@ def multi_colour(
                 rng, spec, num_objects=rng.randint(1, 3), required=decoy, forbidden=same_kind - set(decoy)
             )
         scenes.append(scene)
-    question = f"What colour is the {kind} in image {asked + 1}?"
-    return scenes, QA("multi_colour", question, colour, subjects=(target,))
+    return scenes, colour_in_image(target, asked)
 
 
 MULTI_IMAGE_QUESTIONS = {
@@ -360,9 +377,7 @@ def ask_which(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PA
     unique = sorted((pair, k) for pair, k in holders if sum(pair in scene.pairs for scene in scenes) == 1)
     if not unique:
         return None
-    target, shown = rng.choice(unique)
-    question = f"Which image shows {with_article(' '.join(target))}? Answer with the image number."
-    return QA("multi_which", question, str(shown + 1), subjects=(target,))
+    return which_image(*rng.choice(unique))
 
 
 def ask_total(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
@@ -372,7 +387,7 @@ def ask_total(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PA
     if not kinds:
         return None
     kind = rng.choice(kinds)
-    return QA("multi_count", f"How many {PLURALS[kind]} are there in the images altogether?", str(totals[kind]))
+    return total_of_kind(kind, totals[kind])
 
 
 def ask_most(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
@@ -382,8 +397,7 @@ def ask_most(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAI
     if not asks:
         return None
     word, pick = rng.choice(asks)
-    question = f"Which image has the {word} shapes? Answer with the image number."
-    return QA("multi_compare", question, str(counts.index(pick(counts)) + 1))
+    return most_or_fewest(word, counts.index(pick(counts)))
 
 
 def ask_colour_in(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = NO_PAIRS) -> QA | None:
@@ -397,8 +411,7 @@ def ask_colour_in(scenes: Sequence[Scene], rng: random.Random, banned: Pairs = N
     if not candidates:
         return None
     k, target = rng.choice(candidates)
-    question = f"What colour is the {target.kind} in image {k + 1}?"
-    return QA("multi_colour", question, target.colour, subjects=(target.pair,))
+    return colour_in_image(target.pair, k)
 
 
 MULTI_IMAGE_FOLLOW_UPS = (ask_which, ask_total, ask_most, ask_colour_in)

@@ -355,7 +355,7 @@ def part_sft_single(job: _Job) -> PartResult:
         path = images.save(scene, f"{index:06d}")
         turns = [(f"<image>\n{qa.question}" if k == 0 else qa.question, qa) for k, qa in enumerate(chosen)]
         records.append(conversation_record(f"single-train-{index:06d}", path, turns, "train", job.held_out))
-        counts.update(qa.task for qa in chosen)
+        counts.update(asked.task for asked in chosen)
         result.texts += _qa_texts(turns)
     write_json_list(job.root / "sft/single.json", records)
     result.files["sft_single"] = ["sft/single.json"]
@@ -384,11 +384,10 @@ def part_sft_multi(job: _Job) -> PartResult:
             if len(chosen) < job.sizes.multi_turns and follow_up and follow_up.task != qa.task:
                 chosen.append(follow_up)
         paths = [images.save(scene, f"{index:06d}-{k}") for k, scene in enumerate(scenes)]
-        turns = [
-            (tasks.image_prompt(len(scenes), qa.question) if k == 0 else qa.question, qa) for k, qa in enumerate(chosen)
-        ]
+        turns = [(tasks.image_prompt(len(scenes), qa.question), qa)]
+        turns += [(follow_up.question, follow_up) for follow_up in chosen[1:]]
         records.append(conversation_record(f"multi-train-{index:06d}", paths, turns, "train", job.held_out))
-        counts.update(qa.task for qa in chosen)
+        counts.update(asked.task for asked in chosen)
         result.texts += _qa_texts(turns)
     write_json_list(job.root / "sft/multi.json", records)
     result.files["sft_multi"] = ["sft/multi.json"]
