@@ -378,11 +378,9 @@ def part_sft_multi(job: _Job) -> PartResult:
     for index in range(job.sizes.sft_multi):
         task = rng.choice(tasks.MULTI_IMAGE_TASKS)
         scenes, qa = tasks.MULTI_IMAGE_QUESTIONS[task](rng, job.spec, _multi_image_num(rng), banned=job.held_out)
-        chosen = [qa]
-        for ask in rng.sample(tasks.MULTI_IMAGE_FOLLOW_UPS, len(tasks.MULTI_IMAGE_FOLLOW_UPS)):
-            follow_up = ask(scenes, rng, banned=job.held_out)
-            if len(chosen) < job.sizes.multi_turns and follow_up and follow_up.task != qa.task:
-                chosen.append(follow_up)
+        asks = rng.sample(tasks.MULTI_IMAGE_FOLLOW_UPS, len(tasks.MULTI_IMAGE_FOLLOW_UPS))
+        follow_ups = [ask(scenes, rng, banned=job.held_out) for ask in asks]  # None where the images allow none
+        chosen = [qa, *(other for other in follow_ups if other and other.task != qa.task)][: job.sizes.multi_turns]
         paths = [images.save(scene, f"{index:06d}-{k}") for k, scene in enumerate(scenes)]
         turns = [(tasks.image_prompt(len(scenes), qa.question), qa)]
         turns += [(follow_up.question, follow_up) for follow_up in chosen[1:]]
