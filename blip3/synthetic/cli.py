@@ -1,11 +1,14 @@
-"""`blip3 world` and `blip3 stage0`: build the synthetic world, train its vision tower.
+"""`blip3 world`, `blip3 stage0`, `blip3 probe-captions`: build the synthetic world, train its vision
+tower, see which caption words a model reads off the image.
 
 blip3 world runs/world                    # the demo's world (≈20k small images, about half a minute)
 blip3 stage0 runs/world --out runs/stage0 # a tiny SigLIP on its caption pairs (a few minutes on 2 cores)
+blip3 probe-captions runs/demo/stages/pretrain --world runs/world   # teacher-forced caption words
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -45,6 +48,32 @@ def cmd_stage0(args) -> None:
     print(f"vision tower: {Path(args.out) / 'vision_tower'}; metrics: {Path(args.out) / 'metrics.json'}")
 
 
+def cmd_probe_captions(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from blip3.factory import load_pretrained
+    from blip3.synthetic.caption_probe import CATEGORIES, probe_captions, world_test_captions
+    from blip3.training.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(args.checkpoint) or args.checkpoint  # a stage's folder or a checkpoint
+    model, processor = load_pretrained(checkpoint)
+    samples, held_out = world_test_captions(args.world, args.limit)
+    result = probe_captions(model, processor, samples, held_out)
+    table = Table(title=f"caption words predicted right, teacher-forced: {result.captions} test captions")
+    for column in ("words", "right (%)", "n"):
+        table.add_column(column, justify="left" if column == "words" else "right")
+    for category in CATEGORIES:
+        accuracy = result.accuracy(category)
+        table.add_row(category, "—" if accuracy is None else f"{accuracy:.1f}", str(result.total[category]))
+    console = Console()
+    console.print(f"checkpoint: {checkpoint}")
+    console.print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"checkpoint": str(checkpoint), **result.to_dict()}, indent=1) + "\n")
+
+
 def add_commands(commands) -> None:
     world = commands.add_parser("world", help="build the synthetic vision-language world (data, splits, tokenizer)")
     world.add_argument("out", type=Path, help="folder to write the world into")
@@ -62,3 +91,13 @@ def add_commands(commands) -> None:
     stage0.add_argument("--lr", type=float, default=5e-4)
     stage0.add_argument("--seed", type=int, default=0)
     stage0.set_defaults(run=cmd_stage0)
+
+    probe = commands.add_parser(
+        "probe-captions",
+        help="which words of the world's test captions a model predicts from the image (teacher-forced)",
+    )
+    probe.add_argument("checkpoint", type=Path, help="a checkpoint, or a stage's folder (its newest checkpoint)")
+    probe.add_argument("--world", type=Path, required=True, help="the folder `blip3 world` wrote")
+    probe.add_argument("--limit", type=int, help="only the first N test captions (default: all)")
+    probe.add_argument("--out", type=Path, help="also write the numbers as JSON here")
+    probe.set_defaults(run=cmd_probe_captions)
