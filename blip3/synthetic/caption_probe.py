@@ -104,8 +104,8 @@ def probe_captions(
         result.captions += 1
         for category, start, end in caption_words(caption, held_out):
             span = [p for p, (a, b) in enumerate(offsets) if b > a and a < prefix + end and b > prefix + start]
-            if not span or span[0] == 0:
-                continue
+            if not span:  # all() of nothing would count the word as right
+                raise ValueError(f"no token of the caption covers {caption[start:end]!r}: {caption!r}")
             result.total[category] += 1
             result.right[category] += all(predicted[p - 1 + shift] == ids[p] for p in span)
     return result
