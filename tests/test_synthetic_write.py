@@ -199,6 +199,24 @@ def test_held_out_pairs_are_asked_only_in_the_test_split(world):
     assert held and {r["task"] for r in held} <= focusable
 
 
+def test_sft_stages_replay_pretraining_captions_which_show_the_held_out_pairs(world):
+    """The SFT questions never name a held-out pair (above); the captions replayed beside them show every
+    one, so SFT data does not say that they never occur (README: "SFT taught the model ...")."""
+    manifest = json.loads((world / "manifest.json").read_text())
+    pretrain = yaml.safe_load((world / manifest["mixtures"]["pretrain"]).read_text())
+    (pretrain_captions,) = [s for s in pretrain["sources"] if s["format"] == "caption"]
+    for stage in ("sft", "multi_image_sft"):
+        sources = yaml.safe_load((world / manifest["mixtures"][stage]).read_text())["sources"]
+        (replayed,) = [s for s in sources if s["format"] == "caption"]
+        assert replayed["path"] == pretrain_captions["path"]
+        assert 0 < replayed["weight"] <= 0.25 * sum(s["weight"] for s in sources)  # mostly questions still
+    captions = [
+        sample["txt"].decode() for path in shard_paths(world, "captions/train") for sample in tar_samples(path).values()
+    ]
+    shown = {phrase for phrase in HELD_OUT_PHRASES if any(phrase in caption for caption in captions)}
+    assert shown == set(HELD_OUT_PHRASES)
+
+
 def test_preference_pairs_follow_the_jsonl_schema(world):
     for split in ("train", "validation"):
         records = load_json(world, f"preference/{split}.jsonl")
