@@ -623,8 +623,8 @@ def _mixtures(files: dict) -> dict[str, dict]:
     # questions alone the LM learns that a green shape is never a triangle and answers the test's
     # held-out pairs from that prior ("What shape is the green one?" -> "star"), although it names their
     # shapes in captions. The captions show those pairs. Held-out-pair shape questions right after SFT
-    # (100 test questions): 13 % on questions alone, 18-53 % in five runs with captions in 15-25 % of
-    # the batches (README: "SFT taught the model ...").
+    # (100 test questions): 13 % on questions alone; with captions in 15-25 % of the batches, 32-53 % in
+    # four runs from one pre-trained model but 16-21 % in four from another (README: "SFT taught ...").
     captions = shards("captions", "caption", "captions/train", 1.0)
     validation_single = llava("validation_single", files["eval/validation"]["single"], 1.0)
     validation_multi = llava("validation_multi", files["eval/validation"]["multi"], 1.0)
