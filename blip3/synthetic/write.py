@@ -318,7 +318,9 @@ TRAIN_QUESTION_WEIGHTS = {
     "count": 1.2,
     "existence": 1.0,
     "ocr": 3.0,
-    "grounding": 2.0,  # with a fifth of SFT batches on captions: acc@0.5 36 % at 1.2, 56-57 % at 2.0
+    # With a fifth of SFT batches on captions, acc@0.5 was 36 % at 1.2; at 2.0, 53-57 % in four runs and
+    # 46 % in a fifth from another pre-trained model.
+    "grounding": 2.0,
     "caption": 0.4,
 }
 
@@ -619,25 +621,19 @@ def _mixtures(files: dict) -> dict[str, dict]:
         return _source("preference", "jsonl", "preference", paths, 1.0, image_root="images")
 
     single = llava("sft_single", files["sft_single"], 1.0)
-    # Pre-training captions replayed during SFT. Training questions never name a held-out pair, so on
-    # questions alone the LM learns that a green shape is never a triangle and answers the test's
-    # held-out pairs from that prior ("What shape is the green one?" -> "star"), although it names their
-    # shapes in captions. The captions show those pairs. Held-out-pair shape questions right after SFT
-    # (100 test questions): 13 % on questions alone; with captions in 15-25 % of the batches, 32-53 % in
-    # four runs from one pre-trained model but 16-21 % in four from another (README: "SFT taught ...").
     captions = shards("captions", "caption", "captions/train", 1.0)
     validation_single = llava("validation_single", files["eval/validation"]["single"], 1.0)
     validation_multi = llava("validation_multi", files["eval/validation"]["multi"], 1.0)
     return {
         "stage0": {
             "stage": "stage0",
-            "sources": [shards("captions", "caption", "captions/train", 1.0)],
+            "sources": [captions],
             "validation": [shards("captions", "caption", "captions/validation", 1.0)],
         },
         "pretrain": {
             "stage": "pretrain",
             "sources": [
-                shards("captions", "caption", "captions/train", 0.4),
+                captions | {"weight": 0.4},
                 shards("interleaved", "interleaved", "interleaved", 0.15),
                 shards("ocr", "ocr", "ocr", 0.25),
                 shards("grounding", "grounding", "grounding", 0.2),
@@ -645,6 +641,13 @@ def _mixtures(files: dict) -> dict[str, dict]:
         },
         "sft": {
             "stage": "sft",
+            # Pre-training captions replayed during SFT. Training questions never name a held-out pair, so
+            # on questions alone the LM learns that a green shape is never a triangle and answers the test's
+            # held-out pairs from that prior ("What shape is the green one?" -> "star"), although it names
+            # their shapes in captions. The captions show those pairs. Held-out-pair shape questions right
+            # after SFT (100 test questions): 13 % on questions alone; with captions in 15-25 % of the
+            # batches, 32-53 % in four runs from one pre-trained model but 16-21 % in four from another
+            # (README: "SFT taught the model ...").
             "sources": [single | {"weight": 0.8}, captions | {"weight": 0.2}],
             "validation": [validation_single],
         },
