@@ -201,7 +201,7 @@ def test_held_out_pairs_are_asked_only_in_the_test_split(world):
 
 def test_sft_stages_replay_pretraining_captions_which_show_the_held_out_pairs(world):
     """The SFT questions never name a held-out pair (above); the captions replayed beside them show every
-    one, so SFT data does not say that they never occur (README: "SFT taught the model ...")."""
+    one, so SFT data does not say that they never occur (docs/demo-findings.md: "SFT taught the model ...")."""
     manifest = json.loads((world / "manifest.json").read_text())
     pretrain = yaml.safe_load((world / manifest["mixtures"]["pretrain"]).read_text())
     (pretrain_captions,) = [s for s in pretrain["sources"] if s["format"] == "caption"]

@@ -12,7 +12,7 @@ caption's. A word counts as right when all its tokens are.
 
 Each shape word follows its colour word, so it measures whether the model binds the two in the
 image; the held-out pairs show whether it reads shapes apart from colours. The demo's pre-training
-length was set with it (README: "Pre-training was stopped too early"):
+length was set with it (docs/demo-findings.md: "Pre-training was stopped too early"):
 
     blip3 probe-captions runs/demo/stages/pretrain --world runs/demo/world
 """

@@ -72,7 +72,7 @@ class WorldSizes:
     safety_test: int = 200
     min_turns: int = 3  # 3–6 rather than 1–3: more answers per image for a little more compute; after SFT
     max_turns: int = 6  # from the same pre-trained model, caption CIDEr 326 vs 188, position 27 vs 15 %
-    multi_turns: int = 4  # 1 before: the same images now give 3.8 answers each; no clear gain in the demo (README)
+    multi_turns: int = 4  # 1 before: 3.8 answers per set of images now; no clear gain (docs/demo-findings.md)
     text_rate: float = 0.5  # share of single-image scenes with a string of text
     shard_size: int = 1000
 
@@ -647,7 +647,7 @@ def _mixtures(files: dict) -> dict[str, dict]:
             # their shapes in captions. The captions show those pairs. Held-out-pair shape questions right
             # after SFT (100 test questions): 13 % on questions alone; with captions in 15-25 % of the
             # batches, 32-53 % in four runs from one pre-trained model but 16-21 % in four from another
-            # (README: "SFT taught the model ...").
+            # (docs/demo-findings.md: "SFT taught the model ...").
             "sources": [single | {"weight": 0.8}, captions | {"weight": 0.2}],
             "validation": [validation_single],
         },
