@@ -89,6 +89,7 @@ def show_ablation(results: list, console: Console) -> None:
     """The primary metric per task (rows) per mode (columns), small-text tasks first, and whether the paper's
     order holds on them."""
     from blip3.evaluation.report import collect
+    from blip3.evaluation.uncertainty import paired_change
 
     table_data = collect(results)
     modes, tasks = table_data["stages"], table_data["tasks"]
@@ -109,7 +110,17 @@ def show_ablation(results: list, console: Console) -> None:
         scores = [score(task, m) for m in order] if task in tasks else [None]
         if len(order) > 1 and None not in scores:
             holds = all(a > b for a, b in zip(scores, scores[1:]))
-            verdict = "[green]holds[/]" if holds else "[red]does not hold[/]"
+            # Beyond noise: each step down the order is a change whose paired 95 % interval excludes 0.
+            items = {r.label: [item for item in r.items if item.task == task] for r in results}
+            steps = [paired_change(items[worse], items[better]) for better, worse in zip(order, order[1:])]
+            clear = all(step["ci95"][0] > 0 for step in steps)
+            verdict = (
+                "[green]holds[/], beyond noise"
+                if holds and clear
+                else "[yellow]holds[/] on these items, within noise"
+                if holds
+                else "[red]does not hold[/]"
+            )
             console.print(f"{task}: {' > '.join(order)} {verdict} ({', '.join(f'{s:.1f}' for s in scores)})")
 
 

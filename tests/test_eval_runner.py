@@ -14,6 +14,7 @@ from blip3.evaluation import EvalResults, evaluate, load_synthetic
 from blip3.evaluation.items import EXACT_MATCH, EvalItem
 from blip3.evaluation.prompts import base_prompt, select_shots
 from blip3.evaluation.report import write_report
+from blip3.evaluation.uncertainty import wilson
 from blip3.factory import create
 from conftest import build_test_tokenizer
 
@@ -31,7 +32,10 @@ def world(tmp_path_factory):
         turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         return {"id": id, "image": image, "conversations": turns, "task": task, "answer": answer, **extra}
 
-    entries = [entry(f"color-{c}", f"{c}.png", "<image>\nWhat colour is it?", c, "color") for c in colours]
+    entries = [
+        entry(f"color-{c}", f"{c}.png", "<image>\nWhat colour is it?", c, "color", facets={"shapes": 1 + i % 2})
+        for i, c in enumerate(colours)
+    ]
     entries += [
         entry("where", "red.png", "<image>\nWhere is the square?", "[1, 2, 5, 6]", "grounding", box=[1, 2, 5, 6]),
         entry("two", ["red.png", "blue.png"], "<image> and <image>: which is blue?", "the second", "multi_image"),
@@ -174,8 +178,21 @@ def test_report_files(tmp_path, world, processor):
     assert report["stages"] == ["pretrain", "sft"]
     assert report["tasks"]["color"]["scores"]["sft"]["accuracy"] == pytest.approx(100 / 6)
     assert report["tasks"]["captions"]["primary"] == "cider"
+    # Each number with its interval, and each change between stages with its paired one.
+    assert report["tasks"]["color"]["intervals"]["sft"]["accuracy"] == pytest.approx(wilson(1, 6))
+    (change,) = report["tasks"]["color"]["changes"]
+    assert change["from"] == "pretrain" and change["to"] == "sft" and change["delta"] == pytest.approx(100 / 6)
+    assert change["ci95"][0] <= 0 < change["ci95"][1]  # one answer of six changed: no measured change
+    # and each breakdown: by facet (the red answer is right, on an image of one shape)
+    assert report["tasks"]["color"]["scores"]["sft"]["by_facet"] == {"shapes": {"1": 100 / 3, "2": 0.0}}
     markdown = paths["markdown"].read_text("utf-8")
-    assert "| color | exact match: accuracy | 6 | 0.0 | 16.7 | +16.7 |" in markdown
+    assert (
+        "accuracy by shapes:\n\n| shapes | n | pretrain | sft |\n| --- | ---: | ---: | ---: |\n| 1 | 3 | 0.0 | 33.3 |"
+        in markdown
+    )
+    low, high = change["ci95"]
+    assert f"| color | exact match: accuracy | 6 | 0.0 | 16.7 | +16.7 ({low:+.1f}, {high:+.1f}) |" in markdown
+    assert "| sft | 16.7 (3.0–56.4) | 6 |" in markdown
     assert "![main score per task and stage](scores.png)" in markdown
     assert "&lt;image&gt;" in markdown  # image markers stay visible in the examples
     with Image.open(paths["plot"]) as plot:
@@ -205,7 +222,7 @@ def test_eval_command(tmp_path, world, saved_tiny, processor):
     items = load_synthetic(world)[:3]
     evaluate(scripted, processor, items, label="scripted", progress=False).save(tmp_path / "scripted.json")
     main(["eval-report", str(tmp_path / "sft" / "results.json"), str(tmp_path / "scripted.json"), "--out", str(tmp_path / "r")])  # fmt: skip
-    assert "| color | exact match: accuracy | 3 | 0.0 | 33.3 | +33.3 |" in (tmp_path / "r" / "report.md").read_text(
+    assert "| color | exact match: accuracy | 3 | 0.0 | 33.3 | +33.3 (" in (tmp_path / "r" / "report.md").read_text(
         "utf-8"
     )
 

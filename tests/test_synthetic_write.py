@@ -171,6 +171,12 @@ def test_evaluation_sets_cover_every_task_with_the_right_counts(world):
         assert Counter(line["label"] for line in official) == answers
     manifest = json.loads((world / "manifest.json").read_text())
     assert manifest["counts"]["test"]["ocr_small"] == SIZES.test_per_task
+    # Single-image questions are reported by how many shapes their image holds, too.
+    for record in single + pope:
+        assert set(record["facets"]) == {"shapes"} and 0 <= record["facets"]["shapes"] <= WorldSpec().max_cells
+    every_shape = [r for r in single if r["conversations"][0]["value"].endswith("How many shapes are there?")]
+    assert every_shape and all(r["facets"]["shapes"] == int(r["answer"]) for r in every_shape)
+    assert len({r["facets"]["shapes"] for r in single}) > 1
 
 
 def names_held_out_pair(question: str, answer: str) -> bool:

@@ -42,6 +42,8 @@ class EvalItem:
     box: grounding only: the target box (x1, y1, x2, y2) in the coordinates answers use.
     safe: refusal only: whether answering is the right behaviour.
     category: a finer breakdown reported inside the task (answer type, question type, domain, ...).
+    facets: further breakdowns, each its own table inside the task: {facet: value}, e.g. the synthetic
+        world's {"shapes": "3"} (how many shapes the image holds).
     group: rows that form one question under circular evaluation (MMBench's rotated options).
     context: earlier turns of a multi-turn conversation (chat or LLaVA messages), before `prompt`.
     """
@@ -57,6 +59,7 @@ class EvalItem:
     box: tuple[float, float, float, float] | None = None
     safe: bool | None = None
     category: str | None = None
+    facets: dict[str, str] = field(default_factory=dict)
     group: str | None = None
     context: list[dict[str, Any]] = field(default_factory=list)
 

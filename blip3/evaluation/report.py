@@ -5,19 +5,24 @@
 Each result's `label` is a column (a training stage, say), in the order given, so the table reads
 like the recipe, left to right; each task is a row. The markdown holds a summary table of each
 task's main number per stage (with the change from the first stage to the last), a table per task
-with all its numbers, a few example answers per task from the last stage, and the settings; the
-JSON holds the same numbers for programs; the plot shows the summary as grouped bars.
+with all its numbers and the change each stage made, a few example answers per task from the last
+stage, and the settings; the JSON holds the same numbers for programs; the plot shows the summary
+as grouped bars. Every number that can be recomputed on resampled items comes with its 95 % interval, and
+every change between stages with its paired one (`uncertainty.py`), so that a newcomer can tell a
+change from noise.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from blip3.evaluation.runner import EvalResults
 from blip3.evaluation.scoring import CATEGORY_METRIC, LOWER_IS_BETTER, PRIMARY_METRIC
+from blip3.evaluation.uncertainty import interval, paired_change, statistic
 
 METRIC_NAMES = {
     "vqa_accuracy": "VQA accuracy",
@@ -56,21 +61,47 @@ def write_report(
 
 
 def collect(results: Sequence[EvalResults]) -> dict[str, Any]:
-    """{"stages": [labels], "tasks": {task: {metric, primary, scores: {stage: summary}}}, "settings": ...}"""
+    """{"stages": [labels], "tasks": {task: {...}}, "settings": ...}; a task holds its `metric`, `primary`
+    (the main number's name), `scores` {stage: summary}, `intervals` {stage: {number: [low, high]}} and
+    `changes` [{"from", "to", "number", "delta", "ci95", "n"}]: each stage against the one before it, and
+    the last against the first, for every number that can be resampled."""
     stages = list(dict.fromkeys(r.label for r in results))
     tasks: dict[str, dict[str, Any]] = {}
     settings: dict[str, dict[str, Any]] = {}
+    answers: dict[str, dict[str, list]] = {}  # task -> stage -> its items
     for result in results:
         settings.setdefault(result.label, {})[result.benchmark or "items"] = result.settings
         for task, summary in result.tasks.items():
-            metric = next(item.metric for item in result.items if item.task == task)
+            items = [item for item in result.items if item.task == task]
+            metric = items[0].metric
             entry = tasks.setdefault(task, {"metric": metric, "primary": PRIMARY_METRIC[metric], "scores": {}})
             if entry["metric"] != metric:
                 raise ValueError(f"task {task!r} is scored as {entry['metric']} in one result and {metric} in another")
             if result.label in entry["scores"]:
                 raise ValueError(f"two results label {result.label!r} report task {task!r}; give each a distinct label")
             entry["scores"][result.label] = summary
+            answers.setdefault(task, {})[result.label] = items
+    for task, entry in tasks.items():
+        by_stage = answers[task]
+        some_items = next(iter(by_stage.values()))
+        resampled = [name for name in next(iter(entry["scores"].values())) if statistic(some_items, name)]
+        entry["intervals"] = {
+            stage: {name: interval(items, name) for name in resampled} for stage, items in by_stage.items()
+        }
+        present = [stage for stage in stages if stage in by_stage]
+        pairs = list(zip(present, present[1:])) + ([(present[0], present[-1])] if len(present) > 2 else [])
+        entry["changes"] = [
+            {"from": before, "to": after, "number": name, **paired_change(by_stage[before], by_stage[after], name)}
+            for before, after in pairs
+            for name in resampled
+        ]
     return {"stages": stages, "tasks": tasks, "settings": settings}
+
+
+def change(entry: dict[str, Any], before: str, after: str, number: str | None = None) -> dict[str, Any] | None:
+    """The change of a task's number (default: its main one) from stage `before` to `after`, if collected."""
+    number = number or entry["primary"]
+    return next((c for c in entry["changes"] if (c["from"], c["to"], c["number"]) == (before, after, number)), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,7 +109,7 @@ def collect(results: Sequence[EvalResults]) -> dict[str, Any]:
 
 
 def plot_scores(table: dict[str, Any], path: Path, title: str) -> Path:
-    """Grouped bars: each task's main number, one bar per stage."""
+    """Grouped bars: each task's main number, one bar per stage, with its 95 % interval."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend needed
 
     stages, tasks = table["stages"], table["tasks"]
@@ -88,21 +119,29 @@ def plot_scores(table: dict[str, Any], path: Path, title: str) -> Path:
     figure = Figure(figsize=(inches, 4.8), layout="constrained")
     axes = figure.subplots()
     colours = [f"C{i}" for i in range(len(stages))]
+    tops = [100.0]
     for s, stage in enumerate(stages):
-        positions, values = [], []
+        positions, values, errors = [], [], [[], []]
         for t, task in enumerate(names):
             summary = tasks[task]["scores"].get(stage)
             if summary is not None:
+                primary = tasks[task]["primary"]
                 positions.append(t - 0.4 + width * (s + 0.5))
-                values.append(summary[tasks[task]["primary"]])
-        bars = axes.bar(positions, values, width=width * 0.92, label=stage, color=colours[s])
+                values.append(summary[primary])
+                low, high = tasks[task]["intervals"][stage][primary]
+                tops.append(high)
+                errors[0].append(values[-1] - low)
+                errors[1].append(high - values[-1])
+        whiskers = dict(elinewidth=0.8, capsize=1.5, ecolor="0.3")
+        bars = axes.bar(
+            positions, values, width=width * 0.92, label=stage, color=colours[s], yerr=errors, error_kw=whiskers
+        )
         axes.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     axes.set_xticks(range(len(names)))
     axes.set_xticklabels([f"{name}\n{tasks[name]['primary']}" for name in names], fontsize=8)
     axes.set_ylabel("score, higher is better (%; CIDEr × 100)")
-    top = max([summary[t["primary"]] for t in tasks.values() for summary in t["scores"].values()] + [100.0])
-    axes.set_ylim(0, top * 1.12)
-    axes.set_title(title)
+    axes.set_ylim(0, max(tops) * 1.12)
+    axes.set_title(f"{title}\n(whiskers: 95 % intervals)", fontsize=10)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     if len(stages) > 1:
@@ -130,12 +169,55 @@ def _row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _interval(bounds: Sequence[float] | None) -> str:
+    return f" ({bounds[0]:.1f}–{bounds[1]:.1f})" if bounds is not None else ""
+
+
+def _change(found: dict[str, Any] | None) -> str:
+    """'+8.3 (−3.3, +21.7)': a change with its paired 95 % interval; '–' where there is none."""
+    if found is None:
+        return "–"
+    low, high = found["ci95"]
+    return f"{found['delta']:+.1f} ({low:+.1f}, {high:+.1f})"
+
+
+def _breakdowns(entry: dict[str, Any], stages: Sequence[str], items: Sequence) -> list[str]:
+    """A table per breakdown of a task (its categories, then each facet): the number per stage and the
+    items behind it (counted on `items`, one stage's answers)."""
+    number = CATEGORY_METRIC[entry["metric"]]
+    scores = entry["scores"]
+    tables = {"category": {stage: summary.get("by_category", {}) for stage, summary in scores.items()}}
+    for facet in dict.fromkeys(f for summary in scores.values() for f in summary.get("by_facet", {})):
+        tables[facet] = {stage: summary.get("by_facet", {}).get(facet, {}) for stage, summary in scores.items()}
+    counts = {
+        "category": Counter(item.details.get("category") for item in items),
+        **{f: Counter(item.details.get("facets", {}).get(f) for item in items) for f in tables if f != "category"},
+    }
+    lines = []
+    for name, by_stage in tables.items():
+        values = list(dict.fromkeys(value for numbers in by_stage.values() for value in numbers))
+        if not values:
+            continue
+        lines += ["", f"{number} by {name}:", ""]
+        lines += [_row([name, "n", *stages]), _row(["---", "---:", *["---:"] * len(stages)])]
+        for value in values:
+            cells = [by_stage.get(stage, {}).get(value) for stage in stages]
+            lines.append(
+                _row([_cell(value), counts[name][value], *[_number(v) if v is not None else "–" for v in cells]])
+            )
+    return lines
+
+
 def _markdown(table, results, title, plot_name, examples_per_task) -> str:
     stages, tasks = table["stages"], table["tasks"]
+    stages_of = {task: [stage for stage in stages if stage in entry["scores"]] for task, entry in tasks.items()}
     lines = [f"# {title}", ""]
     lines.append(
         f"{len(stages)} model{'s' if len(stages) > 1 else ''} ({', '.join(stages)}) on {len(tasks)} tasks. "
-        "Scores are percentages (CIDEr: pycocoevalcap × 100); ↓ marks numbers where lower is better."
+        "Scores are percentages (CIDEr: pycocoevalcap × 100); ↓ marks numbers where lower is better. "
+        "In brackets: 95 % intervals (Wilson's for shares of right and wrong answers, else the bootstrap over "
+        "the items); a change between two stages is bootstrapped in pairs, on the same items, and one whose "
+        "interval holds 0 is no measured change."
     )
     lines += ["", "## Summary", ""]
     header = ["task", "metric", "n", *stages]
@@ -149,27 +231,33 @@ def _markdown(table, results, title, plot_name, examples_per_task) -> str:
         cells = [task, f"{METRIC_NAMES[entry['metric']]}: {primary}", "/".join(map(str, sorted(counts)))]
         cells += [_number(v) if v is not None else "–" for v in values]
         if len(stages) > 1:
-            first, last = values[0], values[-1]
-            cells.append(f"{last - first:+.1f}" if first is not None and last is not None else "–")
+            cells.append(_change(change(entry, stages[0], stages[-1])))
         lines.append(_row(cells))
     lines += ["", f"![main score per task and stage]({plot_name})", "", "## Tasks"]
 
     for task, entry in tasks.items():
         lines += ["", f"### {task}", ""]
-        names = [k for k in next(iter(entry["scores"].values())) if k not in ("n", "by_category")]
+        names = [k for k in next(iter(entry["scores"].values())) if k not in ("n", "by_category", "by_facet")]
         lines.append(_row(["stage", *[f"{n} ↓" if n in LOWER_IS_BETTER else n for n in names], "n"]))
         lines.append(_row(["---", *["---:"] * (len(names) + 1)]))
         for stage in stages:
             summary = entry["scores"].get(stage)
             if summary is not None:
-                lines.append(_row([stage, *[_number(summary.get(n, "–")) for n in names], summary["n"]]))
-        categories = list(dict.fromkeys(c for s in entry["scores"].values() for c in s.get("by_category", {})))
-        if categories:
-            lines += ["", f"{CATEGORY_METRIC[entry['metric']]} by category:", ""]
-            lines += [_row(["category", *stages]), _row(["---", *["---:"] * len(stages)])]
-            for category in categories:
-                values = [entry["scores"].get(stage, {}).get("by_category", {}).get(category) for stage in stages]
-                lines.append(_row([_cell(category), *[_number(v) if v is not None else "–" for v in values]]))
+                bounds = entry["intervals"][stage]
+                cells = [_number(summary.get(n, "–")) + _interval(bounds.get(n)) for n in names]
+                lines.append(_row([stage, *cells, summary["n"]]))
+        steps = list(dict.fromkeys((c["from"], c["to"]) for c in entry["changes"]))
+        resampled = list(dict.fromkeys(c["number"] for c in entry["changes"]))
+        if steps:
+            lines += ["", "change, paired on the same items:", ""]
+            lines.append(_row(["from → to", *[f"Δ {n} ↓" if n in LOWER_IS_BETTER else f"Δ {n}" for n in resampled]]))
+            lines.append(_row(["---", *["---:"] * len(resampled)]))
+            for before, after in steps:
+                lines.append(
+                    _row([f"{before} → {after}", *[_change(change(entry, before, after, n)) for n in resampled]])
+                )
+        last_items = [item for r in results if r.label == stages_of[task][-1] for item in r.items if item.task == task]
+        lines += _breakdowns(entry, stages, last_items)
 
     last = stages[-1]
     lines += ["", f"## Example answers ({last})", ""]

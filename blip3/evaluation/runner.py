@@ -247,6 +247,8 @@ def _item_result(item: EvalItem, prediction: str, scored: dict[str, Any]) -> Ite
         details["choices"] = list(item.choices)
     if item.category is not None:
         details["category"] = item.category
+    if item.facets:
+        details["facets"] = dict(item.facets)
     return ItemResult(
         id=item.id,
         task=item.task,

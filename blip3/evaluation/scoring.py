@@ -3,7 +3,9 @@
 Summaries are percentages (CIDEr: pycocoevalcap's score × 100, as papers print it), plus `n`, the
 number of items, and, when items carry a category, `by_category`: the task's main number computed on
 each category's items alone (for CIDEr that includes the document frequencies, as NoCaps scores each
-domain; for refusals, the share refused, see `CATEGORY_METRIC`). `PRIMARY_METRIC` names the number that stands for a task in tables and plots.
+domain; for refusals, the share refused, see `CATEGORY_METRIC`); when they carry facets, `by_facet`:
+{facet: {value: the same number on those items}}. `PRIMARY_METRIC` names the number that stands for
+a task in tables and plots.
 """
 
 from __future__ import annotations
@@ -54,15 +56,30 @@ def score_task(items: Sequence[EvalItem], predictions: Sequence[str]) -> tuple[P
     scorer = _SCORERS[kinds.pop()]
     per_item, summary = scorer(items, predictions)
     summary["n"] = len(items)
+    number = CATEGORY_METRIC[items[0].metric]
+
+    def on(chosen: list[int]) -> float:
+        """The task's breakdown number on the chosen items alone."""
+        return scorer([items[i] for i in chosen], [predictions[i] for i in chosen])[1][number]
+
     categories = sorted({item.category for item in items if item.category is not None})
     if categories:
-        number = CATEGORY_METRIC[items[0].metric]
-        summary["by_category"] = {}
-        for category in categories:
-            chosen = [i for i, item in enumerate(items) if item.category == category]
-            _, sub_summary = scorer([items[i] for i in chosen], [predictions[i] for i in chosen])
-            summary["by_category"][category] = sub_summary[number]
+        summary["by_category"] = {c: on([i for i, item in enumerate(items) if item.category == c]) for c in categories}
+    facets = list(dict.fromkeys(facet for item in items for facet in item.facets))
+    if facets:
+        summary["by_facet"] = {
+            facet: {
+                value: on([i for i, item in enumerate(items) if item.facets.get(facet) == value])
+                for value in _in_order({item.facets[facet] for item in items if facet in item.facets})
+            }
+            for facet in facets
+        }
     return per_item, summary
+
+
+def _in_order(values: set[str]) -> list[str]:
+    """Numbers in numeric order ("2" before "10"), anything else alphabetically."""
+    return sorted(values, key=lambda v: (0, float(v), "") if v.replace(".", "", 1).isdigit() else (1, 0.0, v))
 
 
 def _percent(values: Sequence[float]) -> float:

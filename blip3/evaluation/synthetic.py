@@ -13,6 +13,7 @@ One entry (a JSON list of them, or JSON lines):
      "safe": true | false,                   safety prompts: whether the request should be answered
      "held_out": true,                       the question names a colour × shape pair held out of training
      "category": "adversarial",              optional breakdown (POPE's sampling); safety: `safety_kind`
+     "facets": {"shapes": 3},                optional further breakdowns (the world: shapes in the image)
      "metric": "exact_match"}                optional: overrides the metric the task implies
 
 Image paths are relative to the file's folder or to an `images/` folder beside it or above it (the
@@ -22,7 +23,8 @@ The metric follows from the entry: `safe` present -> refusal (refusal rate on un
 over-refusal on safe ones); task "grounding" -> accuracy at IoU >= 0.5 against `box`; a caption task
 -> CIDEr; a yes/no probe set (`POPE_TASKS`) -> the POPE metrics; anything else -> exact match
 against `answer`. Each task is broken down by `category`, by `safety_kind`, or else by whether the
-question names a held-out pair, so the report shows generalisation to unseen combinations.
+question names a held-out pair, so the report shows generalisation to unseen combinations; and
+by each of its `facets`.
 The question asked is the last human turn; earlier turns are kept as the conversation's context.
 """
 
@@ -107,6 +109,7 @@ def _item(entry: dict[str, Any], roots: list[Path], where: str) -> EvalItem:
         box=tuple(float(v) for v in entry["box"]) if metric == GROUNDING else None,
         safe=bool(entry["safe"]) if metric == REFUSAL else None,
         category=_category(entry),
+        facets={str(name): str(value) for name, value in entry.get("facets", {}).items()},
         context=[{"role": _ROLES[m["from"]], "content": m["value"]} for m in messages[:-1]],
     )
 

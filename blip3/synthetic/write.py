@@ -18,7 +18,8 @@
 
 Boxes are normalized [x1, y1, x2, y2] with (x1, y1) the top-left corner. LLaVA records carry, besides
 `id`, `image` and `conversations`, the metadata evaluation needs: `task`, `answer` (canonical), `box`
-(grounding), `split`, `held_out` (the question names a held-out colour × shape pair), `safe` (safety).
+(grounding), `split`, `held_out` (the question names a held-out colour × shape pair), `safe` (safety),
+`facets` (single-image evaluation records: {"shapes": how many the image holds}).
 Training conversations may hold several questions about their images; `turns` lists each one's task
 and answer, and `task`/`answer` are the first's. Evaluation records hold exactly one question.
 
@@ -496,7 +497,8 @@ def part_eval(job: _Job, split: str) -> PartResult:
                 raise RuntimeError(f"no scene of this world can be asked a {task!r} question; check the WorldSpec")
             path = folders["single"].save(scene, f"{len(single):06d}")
             turns = [(f"<image>\n{qa.question}", qa)]
-            single.append(conversation_record(f"single-{split}-{len(single):06d}", path, turns, split, job.held_out))
+            record = conversation_record(f"single-{split}-{len(single):06d}", path, turns, split, job.held_out)
+            single.append(record | scene_facets(scene))
             counts[task] += 1
     write_json_list(job.root / f"eval/{split}/single.json", single)
 
@@ -524,7 +526,7 @@ def part_eval(job: _Job, split: str) -> PartResult:
                 record = conversation_record(
                     f"pope-{split}-{len(pope):06d}", path, [(f"<image>\n{qa.question}", qa)], split, job.held_out
                 )
-                pope.append(record | {"category": category})
+                pope.append(record | {"category": category} | scene_facets(scene))
                 official.append(
                     {"question_id": len(official) + 1, "image": path, "text": qa.question, "label": qa.answer}
                 )
@@ -550,6 +552,12 @@ def part_eval(job: _Job, split: str) -> PartResult:
     result.num_images = sum(folder.count for folder in folders.values())
     result.texts += [m["value"].replace("<image>", "") for r in single + multi for m in r["conversations"]]
     return result
+
+
+def scene_facets(scene: Scene) -> dict:
+    """The breakdowns evaluation reports an image's questions by: how many shapes it holds (a question
+    about one of four needs the model to find its object among them; docs/demo-findings.md)."""
+    return {"facets": {"shapes": len(scene.objects)}}
 
 
 def _eval_scene(job: _Job, rng: random.Random, task: str, focus: list) -> Scene:
