@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 import tarfile
 from collections import Counter
@@ -20,7 +21,7 @@ from blip3.synthetic import tasks
 from blip3.synthetic.config import tiny_world_config
 from blip3.synthetic.tokenizer import load_world_tokenizer
 from blip3.synthetic.world import TEXT_ALPHABET, WorldSpec
-from blip3.synthetic.write import WorldSizes, build_world
+from blip3.synthetic.write import WorldSizes, build_world, ordinary_scene
 
 SIZES = WorldSizes.smoke()
 HELD_OUT_PHRASES = [f"{colour} {kind}" for colour, kind in WorldSpec().held_out_pairs]
@@ -95,6 +96,25 @@ def test_caption_ocr_and_grounding_shards_follow_the_schema(world):
                 assert obj["phrase"] in annotation["caption"] and is_box(obj["box"])
     assert sum(len(tar_samples(p)) for p in shard_paths(world, "captions/train")) == SIZES.captions
     assert len(shard_paths(world, "captions/train")) == -(-SIZES.captions // SIZES.shard_size)
+
+
+def test_some_ordinary_scenes_show_a_hazard_sign_that_captions_name_and_do_not_count(world):
+    # so that the model has seen the sign (and not counted it as a shape) before safety tuning
+    scenes = [
+        json.loads(members["json"])
+        for path in shard_paths(world, "captions/train")
+        for members in tar_samples(path).values()
+    ]
+    with_sign = [s for s in scenes if s["scene"]["hazard"] is not None]
+    assert 0 < len(with_sign) < len(scenes) / 3
+    for sample in with_sign:
+        assert "warning sign" in sample["short_caption"] and "warning sign" in sample["dense_caption"]
+        count = len(sample["scene"]["objects"])
+        assert sample["dense_caption"].endswith(f"There {'is 1 shape' if count == 1 else f'are {count} shapes'}.")
+    # SFT conversations draw their scenes the same way, at the same rate
+    rng = random.Random(0)
+    drawn = [ordinary_scene(rng, WorldSpec(), 0.5, SIZES.hazard_rate) for _ in range(400)]
+    assert 0.05 < sum(scene.hazard is not None for scene in drawn) / len(drawn) < 0.15
 
 
 def test_interleaved_documents_align_texts_and_images(world):

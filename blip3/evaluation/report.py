@@ -5,11 +5,11 @@
 Each result's `label` is a column (a training stage, say), in the order given, so the table reads
 like the recipe, left to right; each task is a row. The markdown holds a summary table of each
 task's main number per stage (with the change from the first stage to the last), a table per task
-with all its numbers and the change each stage made, a few example answers per task from the last
-stage, and the settings; the JSON holds the same numbers for programs; the plot shows the summary
-as grouped bars. Every number that can be recomputed on resampled items comes with its 95 % interval, and
-every change between stages with its paired one (`uncertainty.py`), so that a newcomer can tell a
-change from noise.
+with all its numbers, the change each stage made and its breakdowns (categories, facets), a few
+example answers per task from the last stage, and the settings; the JSON holds the same numbers for
+programs; the plot shows the summary as grouped bars. Every number that can be recomputed on
+resampled items comes with its 95 % interval, and every change between stages with its paired one
+(`uncertainty.py`), so that a newcomer can tell a change from noise.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _interval(bounds: Sequence[float] | None) -> str:
 
 
 def _change(found: dict[str, Any] | None) -> str:
-    """'+8.3 (−3.3, +21.7)': a change with its paired 95 % interval; '–' where there is none."""
+    """'+8.3 (-3.3, +21.7)': a change with its paired 95 % interval; '–' where there is none."""
     if found is None:
         return "–"
     low, high = found["ci95"]
