@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blip3.evaluation.items import EvalItem
-from blip3.evaluation.runner import _item_result
+from blip3.evaluation.runner import ItemResult, _item_result
 from blip3.evaluation.scoring import score_task
 from blip3.evaluation.uncertainty import interval, paired_change, statistic, wilson
 
@@ -157,3 +157,16 @@ def test_a_paired_change_matches_items_by_id_and_compares_only_shared_ones():
         paired_change(before[:5], after[5:])
     with pytest.raises(ValueError, match="unique"):
         paired_change(before + before[:1], after)
+
+
+def test_a_large_benchmark_is_resampled_in_chunks_with_the_same_answer_as_at_once():
+    rng = np.random.default_rng(0)
+    vqa = [
+        ItemResult(id=str(i), task="vqav2", metric="vqa_accuracy", prompt="?", prediction="", references=[], score=s)
+        for i, s in enumerate(rng.choice([0.0, 0.3, 0.6, 1.0], size=50_000))
+    ]  # VQA accuracy is no plain share: bootstrapped, 50,000 items in chunks of 80 resamples
+    low, high = interval(vqa)
+    scores = 100 * np.array([item.score for item in vqa])
+    half_width = 1.959964 * scores.std() / np.sqrt(len(scores))  # the normal approximation, ±0.35 points here
+    assert low < scores.mean() < high
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
