@@ -77,8 +77,9 @@ class WorldSizes:
     text_rate: float = 0.5  # share of single-image scenes with a string of text
     # Share of pre-training caption and SFT scenes that also show a hazard sign, asked about as ordinary
     # images are (web and instruction data hold warning signs too). Without them the model first met the
-    # sign in safety tuning and counted it as a shape (22 % of counts right on those images, one too many
-    # each time), and safety tuning then taught it to count one fewer everywhere: counting 85 -> 72 %.
+    # sign in safety tuning: the SFT model counted it as a shape (59 % of counts right on those images,
+    # nearly every error one too many), and safety tuning then taught it to count one fewer everywhere
+    # (counting 85 -> 72 %; docs/demo-findings.md).
     hazard_rate: float = 0.1
     shard_size: int = 1000
 
@@ -230,7 +231,7 @@ class _Job:
 def ordinary_scene(rng: random.Random, spec: WorldSpec, text_rate: float, hazard_rate: float = 0.0) -> Scene:
     """A scene that holds a string (of a random size) with probability `text_rate`, a hazard sign with
     probability `hazard_rate`."""
-    hazard = rng.random() < hazard_rate if hazard_rate else False
+    hazard = rng.random() < hazard_rate if hazard_rate else False  # no draw at rate 0: scenes as before
     return sample_scene(rng, spec, text="mixed" if rng.random() < text_rate else None, hazard=hazard)
 
 
