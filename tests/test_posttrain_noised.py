@@ -106,6 +106,15 @@ def test_the_command_writes_only_the_new_rows_when_asked(pairs, tmp_path, capsys
     assert f"{len(rows)} noised-image negatives from 6 rows" in capsys.readouterr().out
     assert not out.with_name(out.name + ".tmp").exists()
 
+    # closed questions left out: prompts whose chosen answer is shorter than 4 words get no negative
+    short = tmp_path / "long-answers-only.jsonl"
+    main([*args[:4], str(short), "--only-new", "--min-chosen-words", "4", "--image-root", str(source.parent / "images"),
+          "--max-new-tokens", "4", "--device", "cpu"])  # fmt: skip
+    long_ids = {r["id"] for r in map(json.loads, source.read_text().splitlines()) if len(r["chosen"].split()) >= 4}
+    kept = [json.loads(line) for line in short.read_text().splitlines()]
+    assert kept and {row["source_id"] for row in kept} <= long_ids
+    assert '"short_chosen": 2' in capsys.readouterr().out  # the two one-image rows answered in three words
+
 
 def test_vlguard_becomes_conversations_with_a_safe_field():
     records = [

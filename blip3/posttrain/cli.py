@@ -23,6 +23,7 @@ def cmd_noised_negatives(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         max_images=args.max_images,
+        min_chosen_words=args.min_chosen_words,
     )
     counts = write_noised_negatives(
         args.checkpoint, args.input, args.output, args.image_root, settings, only_new=args.only_new, device=args.device
@@ -89,6 +90,13 @@ def add_commands(commands) -> None:
     noised.add_argument("--batch-size", type=int, default=8)
     noised.add_argument("--max-new-tokens", type=int, default=128)
     noised.add_argument("--max-images", type=int, help="skip rows with more images (default: no limit)")
+    noised.add_argument(
+        "--min-chosen-words",
+        type=int,
+        default=0,
+        help="skip prompts whose chosen answer has fewer words (yes / no questions: their noised answers all "
+        "point one way); default 0: every prompt, as the paper",
+    )
     noised.add_argument("--only-new", action="store_true", help="write only the new rows")
     noised.add_argument("--device", help="default: cuda if available, else cpu")
     noised.set_defaults(run=cmd_noised_negatives)
