@@ -91,7 +91,7 @@ def show_ablation(results: list, console: Console) -> None:
     from blip3.evaluation.report import collect
     from blip3.evaluation.uncertainty import paired_change
 
-    table_data = collect(results)
+    table_data = collect(results, uncertainty=False)
     modes, tasks = table_data["stages"], table_data["tasks"]
 
     def score(task: str, mode: str) -> float | None:

@@ -263,7 +263,7 @@ def show_summary(results: list, console: Console) -> None:
     """The primary number of each task (rows) for each stage (columns)."""
     from blip3.evaluation.report import collect
 
-    table_data = collect(results)
+    table_data = collect(results, uncertainty=False)
     table = Table(title="test split: primary metric per task (%)", show_edge=False)
     table.add_column("task")
     table.add_column("metric")

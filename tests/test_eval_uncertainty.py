@@ -167,6 +167,6 @@ def test_a_large_benchmark_is_resampled_in_chunks_with_the_same_answer_as_at_onc
     ]  # VQA accuracy is no plain share: bootstrapped, 50,000 items in chunks of 80 resamples
     low, high = interval(vqa)
     scores = 100 * np.array([item.score for item in vqa])
-    half_width = 1.959964 * scores.std() / np.sqrt(len(scores))  # the normal approximation, ±0.35 points here
+    half_width = 1.959964 * scores.std() / np.sqrt(len(scores))  # the normal approximation, ±0.32 points here
     assert low < scores.mean() < high
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)

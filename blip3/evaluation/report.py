@@ -60,29 +60,30 @@ def write_report(
     return paths
 
 
-def collect(results: Sequence[EvalResults]) -> dict[str, Any]:
+def collect(results: Sequence[EvalResults], uncertainty: bool = True) -> dict[str, Any]:
     """{"stages": [labels], "tasks": {task: {...}}, "settings": ...}; a task holds its `metric`, `primary`
-    (the main number's name), `scores` {stage: summary}, `intervals` {stage: {number: [low, high]}} and
-    `changes` [{"from", "to", "number", "delta", "ci95", "n"}]: each stage against the one before it, and
-    the last against the first, for every number that can be resampled."""
+    (the main number's name), `scores` {stage: summary} and, with `uncertainty`, `intervals`
+    {stage: {number: [low, high]}} and `changes` [{"from", "to", "number", "delta", "ci95", "n"}]: each
+    stage against the one before it, and the last against the first, for every number that can be
+    resampled. (A console table of the main numbers needs no `uncertainty`.)"""
     stages = list(dict.fromkeys(r.label for r in results))
     tasks: dict[str, dict[str, Any]] = {}
     settings: dict[str, dict[str, Any]] = {}
-    answers: dict[str, dict[str, list]] = {}  # task -> stage -> its items
+    answers = _answers(results)
     for result in results:
         settings.setdefault(result.label, {})[result.benchmark or "items"] = result.settings
         for task, summary in result.tasks.items():
-            items = [item for item in result.items if item.task == task]
-            metric = items[0].metric
+            metric = answers[result.label][task][0].metric
             entry = tasks.setdefault(task, {"metric": metric, "primary": PRIMARY_METRIC[metric], "scores": {}})
             if entry["metric"] != metric:
                 raise ValueError(f"task {task!r} is scored as {entry['metric']} in one result and {metric} in another")
             if result.label in entry["scores"]:
                 raise ValueError(f"two results label {result.label!r} report task {task!r}; give each a distinct label")
             entry["scores"][result.label] = summary
-            answers.setdefault(task, {})[result.label] = items
+    if not uncertainty:
+        return {"stages": stages, "tasks": tasks, "settings": settings}
     for task, entry in tasks.items():
-        by_stage = answers[task]
+        by_stage = {stage: answers[stage][task] for stage in entry["scores"]}
         some_items = next(iter(by_stage.values()))
         resampled = [name for name in next(iter(entry["scores"].values())) if statistic(some_items, name)]
         entry["intervals"] = {
@@ -96,6 +97,15 @@ def collect(results: Sequence[EvalResults]) -> dict[str, Any]:
             for name in resampled
         ]
     return {"stages": stages, "tasks": tasks, "settings": settings}
+
+
+def _answers(results: Sequence[EvalResults]) -> dict[str, dict[str, list]]:
+    """label -> task -> the answered items, in one pass (results of one label may hold different tasks)."""
+    grouped: dict[str, dict[str, list]] = {}
+    for result in results:
+        for item in result.items:
+            grouped.setdefault(result.label, {}).setdefault(item.task, []).append(item)
+    return grouped
 
 
 def change(entry: dict[str, Any], before: str, after: str, number: str | None = None) -> dict[str, Any] | None:
@@ -210,7 +220,8 @@ def _breakdowns(entry: dict[str, Any], stages: Sequence[str], items: Sequence) -
 
 def _markdown(table, results, title, plot_name, examples_per_task) -> str:
     stages, tasks = table["stages"], table["tasks"]
-    stages_of = {task: [stage for stage in stages if stage in entry["scores"]] for task, entry in tasks.items()}
+    answers = _answers(results)
+    last_of = {task: [stage for stage in stages if stage in entry["scores"]][-1] for task, entry in tasks.items()}
     lines = [f"# {title}", ""]
     lines.append(
         f"{len(stages)} model{'s' if len(stages) > 1 else ''} ({', '.join(stages)}) on {len(tasks)} tasks. "
@@ -256,13 +267,12 @@ def _markdown(table, results, title, plot_name, examples_per_task) -> str:
                 lines.append(
                     _row([f"{before} → {after}", *[_change(change(entry, before, after, n)) for n in resampled]])
                 )
-        last_items = [item for r in results if r.label == stages_of[task][-1] for item in r.items if item.task == task]
-        lines += _breakdowns(entry, stages, last_items)
+        lines += _breakdowns(entry, stages, answers[last_of[task]][task])
 
     last = stages[-1]
     lines += ["", f"## Example answers ({last})", ""]
     for task in tasks:
-        shown = [item for result in results if result.label == last for item in result.items if item.task == task]
+        shown = answers[last].get(task, [])
         if not shown:
             continue
         lines += [

@@ -4,7 +4,7 @@
     change = paired_change(before_items, after_items)   # {"delta", "ci95", "n"}: the same items, two models
     change = paired_change(before, after, "hallucination_rate")
 
-A benchmark of 60 questions measures an accuracy of 55 % to within about ±13 points, and two models
+A benchmark of 60 questions measures an accuracy of 55 % to within about ±12 points, and two models
 that score 55 and 63 on it may not differ at all; a report that prints only the numbers invites
 reading noise as progress. A number that is a share of right / wrong outcomes (an accuracy of
 exact matches, a refusal rate, POPE's yes-ratio) gets the Wilson score interval; any other (CIDEr,
