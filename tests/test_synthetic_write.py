@@ -304,6 +304,10 @@ def test_the_tiny_config_matches_the_tokenizer_and_trains_on_world_samples(world
     processor = Blip3Processor.from_config(config, tokenizer)  # raises if the special ids disagree
     torch.manual_seed(0)
     model = Blip3ForConditionalGeneration(config)
+    # the LM starts from N(0, text_init_std), not transformers' 0.02 (docs/demo-findings.md)
+    lm = model.model.language_model
+    for weight in (lm.get_input_embeddings().weight, lm.layers[0].self_attn.qkv_proj.weight, model.lm_head.weight):
+        assert weight.std().item() == pytest.approx(0.06, rel=0.05)
     single, multi = load_json(world, "sft/single.json")[0], load_json(world, "sft/multi.json")[0]
     images = [
         [Image.open(world / "images" / single["image"])],

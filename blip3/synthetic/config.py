@@ -36,6 +36,7 @@ def tiny_world_config(
     text_width: int = 192,
     text_layers: int = 3,
     text_heads: int = 6,
+    text_init_std: float = 0.06,
     **overrides: Any,
 ) -> Blip3Config:
     """A `Blip3Config` whose vocabulary layout is `tokenizer`'s (the xGen-MM tokens are added if missing).
@@ -46,6 +47,11 @@ def tiny_world_config(
     world: position 30 % and grounding 15 % without it, 43 % and 37 % with it, 63 % and 60 % with it
     and 8 latents instead of 16; on a later world 16 latents with it did as well, so 8 are kept for
     training ~20 % faster.
+    `text_init_std` is the standard deviation the LM's weights and embeddings start from. transformers'
+    0.02 suits a width of 2,000–3,000 (Phi-3: 3,072); at width 192 it starts the LM at about a quarter of
+    the 1/√width scale, its text embeddings 35 times smaller than the sampler's tokens. 0.06 learned the
+    same budget's shape questions far better: after pre-training and SFT, test shape 50 / 65 % against
+    30 / 37 % with 0.02 (two seeds each; docs/demo-findings.md).
     `overrides` set other top-level `Blip3Config` fields (e.g. `stripe_regrouping`).
     """
     ids = add_xgenmm_special_tokens(tokenizer)
@@ -92,6 +98,7 @@ def tiny_world_config(
             bos_token_id=ids["bos"],
             eos_token_id=ids["eos"],
             pad_token_id=ids["pad"],
+            initializer_range=text_init_std,
         ),
         vision_token_mode=vision_token_mode,
         initial_tokenizer_len=image_id,
