@@ -50,8 +50,8 @@ def tiny_world_config(
     `text_init_std` is the standard deviation the LM's weights and embeddings start from. transformers'
     0.02 suits large widths (Phi-3's 3,072: 0.02 ≈ 1.1/√width); at width 192 it is about a quarter of
     1/√width, and the text embeddings start 35 times smaller than the sampler's tokens. 0.06 learned
-    the same budget's shape questions far better: after pre-training and SFT, test shape 50 / 65 %
-    against 30 / 37 % with 0.02 (two seeds each; 0.1: 43 %; docs/demo-findings.md).
+    the same budget's shape questions far better: after pre-training and SFT, test shape 50 / 65 / 60 %
+    against 30 / 37 / 25 % with 0.02 (three seeds each; 0.1: 43 %; docs/demo-findings.md).
     `overrides` set other top-level `Blip3Config` fields (e.g. `stripe_regrouping`).
     """
     ids = add_xgenmm_special_tokens(tokenizer)
