@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blip3.evaluation import uncertainty
 from blip3.evaluation.items import EvalItem
 from blip3.evaluation.runner import ItemResult, _item_result
 from blip3.evaluation.scoring import score_task
@@ -159,7 +160,7 @@ def test_a_paired_change_matches_items_by_id_and_compares_only_shared_ones():
         paired_change(before + before[:1], after)
 
 
-def test_a_large_benchmark_is_resampled_in_chunks_with_the_same_answer_as_at_once():
+def test_a_large_benchmark_is_resampled_in_chunks_with_the_same_answer_as_at_once(monkeypatch):
     rng = np.random.default_rng(0)
     vqa = [
         ItemResult(id=str(i), task="vqav2", metric="vqa_accuracy", prompt="?", prediction="", references=[], score=s)
@@ -170,3 +171,7 @@ def test_a_large_benchmark_is_resampled_in_chunks_with_the_same_answer_as_at_onc
     half_width = 1.959964 * scores.std() / np.sqrt(len(scores))  # the normal approximation, ±0.32 points here
     assert low < scores.mean() < high
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
+    # chunking changes nothing: 2,000 items resampled at once (one 1,000 × 2,000 draw) or 7 resamples at a time
+    at_once = interval(vqa[:2000])
+    monkeypatch.setattr(uncertainty, "CHUNK_INDICES", 7 * 2000)
+    assert interval(vqa[:2000]) == at_once

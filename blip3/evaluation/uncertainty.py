@@ -36,6 +36,7 @@ from blip3.evaluation.scoring import PRIMARY_METRIC
 
 RESAMPLES = 1000
 LEVEL = 0.95
+CHUNK_INDICES = 4_000_000  # resampled item indices held at once (32 MB)
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,12 @@ def _required(items: Sequence, number: str | None) -> Statistic:
 def _resampled(statistics: Sequence[Statistic], n: int, resamples: int, seed: int) -> list[np.ndarray]:
     """Each statistic on the same `resamples` draws of n items with replacement ([resamples] each).
 
-    Drawn in chunks of at most ~4M indices, so that a benchmark of 200,000 questions needs tens of MB,
-    not the 1.6 GB of one index matrix.
+    Drawn in chunks of at most CHUNK_INDICES indices, so that a benchmark of 200,000 questions needs
+    tens of MB, not the 1.6 GB of one index matrix; consecutive draws from one generator are the same
+    numbers as one large draw, so the chunking does not change the result.
     """
     rng = np.random.default_rng(seed)
-    per_chunk = max(1, min(resamples, 4_000_000 // max(n, 1)))
+    per_chunk = max(1, min(resamples, CHUNK_INDICES // max(n, 1)))
     values: list[list[np.ndarray]] = [[] for _ in statistics]
     for start in range(0, resamples, per_chunk):
         indices = rng.integers(0, n, size=(min(per_chunk, resamples - start), n))

@@ -94,8 +94,13 @@ class NoisedCounts:
         return {"rows": self.rows, "written": self.written, "skipped": dict(self.skipped)}
 
 
-class _NoImage(Exception):
-    """A text-only prompt: there is no image to noise, so no noised-image negative."""
+class _Skip(Exception):
+    """A row that gets no noised-image negative, for `reason`: a text-only prompt (`no_image`, nothing
+    to noise) or a closed question (`short_chosen`, see `min_chosen_words`)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -112,7 +117,9 @@ def _prepare(
     key = str(raw.get("id", f"row{index}"))
     pair = parse_record(Row(key, raw, image_root=image_root), "preference")
     if not pair.images:
-        raise _NoImage(key)
+        raise _Skip("no_image")
+    if len(pair.chosen.split()) < settings.min_chosen_words:  # before any image is loaded
+        raise _Skip("short_chosen")
     max_pixels = processor.image_processor.max_image_pixels
     clean = [load_record_image(image, key, max_pixels) for image in pair.images]
     noised = [
@@ -181,17 +188,13 @@ def noised_negative_rows(
     for index, raw in enumerate(tqdm(rows, desc="noised negatives", unit="row", disable=not progress)):
         counts.rows += 1
         try:
-            prepared = _prepare(raw, index, root, processor, settings)
+            pending.append(_prepare(raw, index, root, processor, settings))
         except BadSample as bad:
             counts.skipped[bad.reason.value] += 1
             continue
-        except _NoImage:
-            counts.skipped["no_image"] += 1
+        except _Skip as skip:
+            counts.skipped[skip.reason] += 1
             continue
-        if len(prepared.pair.chosen.split()) < settings.min_chosen_words:
-            counts.skipped["short_chosen"] += 1
-            continue
-        pending.append(prepared)
         if len(pending) == settings.batch_size:
             yield from flush()
     if pending:
