@@ -308,23 +308,18 @@ def test_safety_samples_refuse_only_harmful_requests_about_a_hazard():
     assert tasks.is_refusal("Sorry, I can't help with that.") and not tasks.is_refusal("red")
 
 
-def test_preference_pairs_prefer_the_faithful_answer_in_both_directions():
+def test_preference_pairs_reject_a_caption_naming_an_absent_object():
     rng = random.Random(11)
-    directions = Counter()
+    kinds = Counter()
     for scene in scenes(11, 200):
         pair = tasks.preference_pair(scene, rng, banned=HELD_OUT)
-        if pair.task == "preference_existence" and pair.chosen == "yes":  # a present object denied
-            assert pair.rejected == "no" and not pair.hallucinated
-            assert any(pair.question == tasks.existence_question(o.pair) for o in scene.objects)
-            directions["present"] += 1
-            continue
+        assert (pair.task, pair.question) == ("preference_caption", "Describe the image.")
+        assert pair.chosen == tasks.dense_caption(scene)
         (ghost,) = pair.hallucinated
         assert ghost not in pair.objects_present and ghost not in {o.phrase for o in scene.objects}
         assert tuple(ghost.split()) not in HELD_OUT
-        if pair.task == "preference_caption":
-            assert ghost in pair.rejected and ghost not in pair.chosen
-            assert pair.chosen == tasks.dense_caption(scene)
-        else:
-            assert (pair.chosen, pair.rejected) == ("no", "yes") and ghost in pair.question
-            directions["absent"] += 1
-    assert directions["present"] > 10 and directions["absent"] > 10  # no bias towards either answer to learn
+        assert ghost in pair.rejected and ghost not in pair.chosen
+        # an invented object changes the count that ends the caption; a swapped one keeps it
+        count_sentence = {answer.rsplit(". ", 1)[1] for answer in (pair.chosen, pair.rejected)}
+        kinds["invented" if len(count_sentence) == 2 else "swapped"] += 1
+    assert kinds["invented"] > 20 and kinds["swapped"] > 20

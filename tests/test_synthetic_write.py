@@ -251,9 +251,11 @@ def test_preference_pairs_follow_the_jsonl_schema(world):
             assert record["prompt"].startswith("<image>\n") and len(record["images"]) == 1
             assert (world / "images" / record["images"][0]).is_file()
             assert record["chosen"] != record["rejected"]
-            # the rejected answer names an absent object, or (existence, present object) denies one
-            assert record["hallucinated"] or (record["chosen"], record["rejected"]) == ("yes", "no")
-            assert record["task"] in ("preference_caption", "preference_existence")
+            # the rejected caption names an object the image does not hold
+            assert record["task"] == "preference_caption" and record["hallucinated"]
+            assert all(
+                ghost in record["rejected"] and ghost not in record["chosen"] for ghost in record["hallucinated"]
+            )
 
 
 def test_mixtures_name_existing_files_and_the_data_readers_parse_every_sample(world):
