@@ -275,6 +275,68 @@ def test_pope_metrics_by_hand():
     assert always_no["precision"] == 0.0 and always_no["f1"] == 0.0 and always_no["accuracy"] == 0.5
 
 
+# -- CHAIR ---------------------------------------------------------------------------------------
+
+COLOURED = {"red circle": "red circle", "red circles": "red circle", "blue star": "blue star", "circle": "circle"}
+
+
+def test_named_objects_match_whole_phrases_the_longest_first_ignoring_case():
+    assert metrics.named_objects("A red circle, a circle and Two Red Circles.", COLOURED) == [
+        "red circle",
+        "circle",
+        "red circle",
+    ]
+    # no match inside a word, and a phrase split by other words names nothing
+    assert metrics.named_objects("circled; a redcircle; a red big circle", COLOURED) == ["circle"]
+    with pytest.raises(ValueError, match="vocabulary"):
+        metrics.named_objects("a red circle", {})
+
+
+def test_chair_by_hand():
+    result = metrics.chair(
+        ["A red circle and a blue star.", "Two red circles, one red circle.", "Nothing here."],
+        [["red circle"], ["red circle", "blue star"], ["blue star"]],
+        COLOURED,
+    )
+    # mentions: 2 + 2 + 0, of which the first caption's blue star is not there; images hold 1 + 2 + 1
+    # objects, of which the captions name 1 + 1 + 0
+    assert result == pytest.approx({"chair_i": 1 / 4, "chair_s": 1 / 3, "object_recall": 2 / 4, "objects_named": 4 / 3})
+    silent = metrics.chair(["Nothing."], [["red circle"]], COLOURED)
+    assert silent == {"chair_i": 0.0, "chair_s": 0.0, "object_recall": 0.0, "objects_named": 0.0}
+    with pytest.raises(ValueError, match="one set of objects per caption"):
+        metrics.chair(["a red circle"], [], COLOURED)
+
+
+def test_captions_whose_items_name_their_objects_are_also_scored_with_chair():
+    def item(i, objects):
+        return EvalItem(
+            id=str(i), task="caption", metric=CIDER, prompt="Describe.", references=["a red circle"],
+            objects=objects, object_vocabulary=COLOURED,
+        )  # fmt: skip
+
+    items = [item(0, ["red circle"]), item(1, ["blue star"])]
+    per_item, summary = score_task(items, ["a red circle", "a red circle and a blue star"])
+    assert summary["chair_i"] == pytest.approx(100 / 3) and summary["chair_s"] == pytest.approx(50.0)
+    assert summary["object_recall"] == pytest.approx(100.0) and summary["objects_named"] == pytest.approx(1.5)
+    assert per_item[1]["not_there"] == ["red circle"] and per_item[1]["named"] == ["red circle", "blue star"]
+    plain = [EvalItem(id="p", task="caption", metric=CIDER, prompt="Describe.", references=["a red circle"])]
+    assert "chair_i" not in score_task(plain, ["a red circle"])[1]
+    other = dict(COLOURED, square="square")
+    mixed = [item(0, ["red circle"]), EvalItem(**{**item(1, ["blue star"]).__dict__, "object_vocabulary": other})]
+    with pytest.raises(ValueError, match="share one object vocabulary"):
+        score_task(mixed, ["a red circle", "a blue star"])
+
+
+def test_an_item_with_objects_needs_a_vocabulary_that_names_them_and_a_caption_metric():
+    base = dict(id="c", task="caption", metric=CIDER, prompt="Describe.", references=["a red circle"])
+    with pytest.raises(ValueError, match="both"):
+        EvalItem(**base, objects=["red circle"])
+    with pytest.raises(ValueError, match="not named by the object vocabulary"):
+        EvalItem(**base, objects=["green square"], object_vocabulary=COLOURED)
+    with pytest.raises(ValueError, match="for scoring captions"):
+        EvalItem(**{**base, "metric": "exact_match"}, objects=["red circle"], object_vocabulary=COLOURED)
+
+
 # -- grounding -----------------------------------------------------------------------------------
 
 

@@ -68,6 +68,41 @@ def test_refusal_rates_recomputed_on_all_items_are_the_reported_ones(requests):
         assert recomputed == pytest.approx(reported), name
 
 
+PHRASES = ("red circle", "blue star", "green square")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sets(st.sampled_from(PHRASES)), st.lists(st.sampled_from(PHRASES), max_size=4)),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_chair_numbers_recomputed_on_all_items_are_the_reported_ones(captions):
+    vocabulary = {phrase: phrase for phrase in PHRASES}
+    items = [
+        EvalItem(
+            id=f"c{i}",
+            task="caption",
+            metric="cider",
+            prompt="Describe.",
+            references=["shapes"],
+            objects=sorted(held),
+            object_vocabulary=vocabulary,
+        )  # fmt: skip
+        for i, (held, _) in enumerate(captions)
+    ]
+    results, summary = scored(items, [" and ".join(f"a {name}" for name in named) for _, named in captions])
+    found = every_number(results, summary)
+    assert set(found) == {"cider", "chair_i", "chair_s", "object_recall", "objects_named"}
+    for name, (reported, recomputed) in found.items():
+        assert recomputed == pytest.approx(reported), name
+    # CHAIR_s is a share of captions (Wilson's interval); CHAIR_i a ratio of mentions (the bootstrap)
+    assert statistic(results, "chair_s").counts == (sum(bool(set(n) - h) for h, n in captions), len(captions))
+    assert statistic(results, "chair_i").counts is None
+
+
 def test_main_numbers_of_the_other_metrics_recomputed_on_all_items_are_the_reported_ones():
     cases = {
         "vqa_accuracy": (["two", "2", "three"], [["2"] * 2 + ["two"] * 8, ["2"] * 3 + ["3"] * 7, ["four"] * 10]),

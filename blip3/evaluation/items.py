@@ -7,6 +7,7 @@ prompts the model with `conversation` (instruct models) or `question` (base mode
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,10 @@ class EvalItem:
         world's {"shapes": "3"} (how many shapes the image holds).
     group: rows that form one question under circular evaluation (MMBench's rotated options).
     context: earlier turns of a multi-turn conversation (chat or LLaVA messages), before `prompt`.
+    objects: captioning only: the names of the objects the image holds; with `object_vocabulary`, the
+        captions are also scored for the objects they name that are not there (CHAIR).
+    object_vocabulary: captioning only: {phrase as a caption writes it: object name}, every object a
+        caption might name (plurals and synonyms included); items of one set share one.
     """
 
     id: str
@@ -62,6 +67,8 @@ class EvalItem:
     facets: dict[str, str] = field(default_factory=dict)
     group: str | None = None
     context: list[dict[str, Any]] = field(default_factory=list)
+    objects: list[str] | None = None
+    object_vocabulary: Mapping[str, str] | None = None
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -74,6 +81,13 @@ class EvalItem:
             raise ValueError(f"item {self.id!r}: a refusal item needs `safe` (true or false)")
         if self.metric not in (GROUNDING, REFUSAL) and not self.references:
             raise ValueError(f"item {self.id!r}: no references to score against")
+        if (self.objects is None) != (self.object_vocabulary is None):
+            raise ValueError(f"item {self.id!r}: CHAIR needs both the image's objects and an object vocabulary")
+        if self.objects is not None and self.metric != CIDER:
+            raise ValueError(f"item {self.id!r}: objects are for scoring captions (CHAIR), not {self.metric}")
+        if self.objects is not None and not set(self.objects) <= set(self.object_vocabulary.values()):
+            unknown = sorted(set(self.objects) - set(self.object_vocabulary.values()))
+            raise ValueError(f"item {self.id!r}: objects {unknown} are not named by the object vocabulary")
 
     @property
     def conversation(self) -> list[dict[str, Any]]:

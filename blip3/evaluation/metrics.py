@@ -11,6 +11,9 @@ Sources, one per metric; where the official code has a quirk that changes number
     exact match       SQuAD v1.1 `evaluate.py`'s `normalize_answer`, then string equality
     POPE              POPE's `evaluate.py` (RUCAIBox/POPE): yes/no extraction, accuracy, precision,
                       recall, F1, yes-ratio
+    CHAIR             CHAIR_i and CHAIR_s (Rohrbach et al. 2018, "Object Hallucination in Image
+                      Captioning") over an object vocabulary the caller gives; the official
+                      `chair.py`'s COCO synonym lists and lemmatiser are not included
     grounding         a box parsed from the answer, a hit at IoU >= 0.5 (RefCOCO's Acc@0.5)
     multiple choice   our letter extraction (documented at `extract_choice`): benchmarks differ here
                       (VLMEvalKit, MMMU and LLaVA each parse differently), so it is ours, and strict
@@ -440,6 +443,49 @@ def pope_metrics(predicted: Sequence[str], labels: Sequence[str]) -> dict[str, f
         "f1": ratio(2 * precision * recall, precision + recall),
         "yes_ratio": ratio(sum(p == "yes" for p in predicted), len(pairs)),
         "hallucination_rate": ratio(false_pos, false_pos + true_neg),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# CHAIR: objects a caption names that the image does not hold
+
+
+def named_objects(caption: str, vocabulary: Mapping[str, str]) -> list[str]:
+    """The objects `caption` names, in order, one entry per mention: each phrase of `vocabulary`
+    ({phrase as written: object name}, plurals and synonyms included) found as whole words, ignoring
+    case, the longest phrase first where phrases overlap ("red circle" before "circle")."""
+    if not vocabulary:
+        raise ValueError("named_objects needs a vocabulary of object phrases")
+    by_lower = {phrase.lower(): name for phrase, name in vocabulary.items()}
+    phrases = sorted(by_lower, key=len, reverse=True)
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")\b", re.IGNORECASE)
+    return [by_lower[match.group(0).lower()] for match in pattern.finditer(caption)]
+
+
+def chair(captions: Sequence[str], objects: Sequence[Sequence[str]], vocabulary: Mapping[str, str]) -> dict[str, float]:
+    """CHAIR: how many of the objects captions name are not in their images, in [0, 1].
+
+    `objects[i]`: the names of the objects image i holds (the values of `vocabulary`).
+    chair_i: mentions of an absent object / all mentions (every mention counts);
+    chair_s: captions with at least one such mention / all captions;
+    object_recall: the images' objects their captions name / all the images' objects;
+    objects_named: mentions per caption (not a share: a caption that names less hallucinates less).
+    An undefined ratio (no mentions at all, say) is 0.
+    """
+    if len(captions) != len(objects) or not captions:
+        raise ValueError("chair needs one set of objects per caption, and at least one caption")
+    mentions = absent = flagged = held = found = 0
+    for caption, present in zip(captions, map(set, objects)):
+        named = named_objects(caption, vocabulary)
+        not_there = [name for name in named if name not in present]
+        mentions, absent, flagged = mentions + len(named), absent + len(not_there), flagged + bool(not_there)
+        held, found = held + len(present), found + len(present & set(named))
+    ratio = lambda num, den: num / den if den else 0.0
+    return {
+        "chair_i": ratio(absent, mentions),
+        "chair_s": ratio(flagged, len(captions)),
+        "object_recall": ratio(found, held),
+        "objects_named": mentions / len(captions),
     }
 
 

@@ -40,7 +40,7 @@ PRIMARY_METRIC = {
 # unsafe requests and the share refused is its refusal rate or its over-refusal rate.
 CATEGORY_METRIC = {**PRIMARY_METRIC, REFUSAL: "refused"}
 # Where lower is better (the report marks them so a newcomer reads the direction right).
-LOWER_IS_BETTER = frozenset({"over_refusal_rate", "hallucination_rate", "unparsed"})
+LOWER_IS_BETTER = frozenset({"over_refusal_rate", "hallucination_rate", "unparsed", "chair_i", "chair_s"})
 
 PerItem = list[dict[str, Any]]
 Summary = dict[str, Any]
@@ -96,7 +96,22 @@ def _cider(items, predictions):
     candidates = {i: metrics.ptb_tokenize(p) for i, p in enumerate(predictions)}
     references = {i: [metrics.ptb_tokenize(r) for r in item.references] for i, item in enumerate(items)}
     corpus, per_image = metrics.cider_d(candidates, references)
-    return [{"score": per_image[i]} for i in range(len(items))], {"cider": 100.0 * corpus}
+    per_item = [{"score": per_image[i]} for i in range(len(items))]
+    summary = {"cider": 100.0 * corpus}
+    if all(item.objects is not None for item in items):  # the items say what each image holds: CHAIR too
+        vocabulary = items[0].object_vocabulary
+        if any(item.object_vocabulary != vocabulary for item in items):
+            raise ValueError(f"the captions of task {items[0].task!r} must share one object vocabulary")
+        for result, item, prediction in zip(per_item, items, predictions):
+            named = metrics.named_objects(prediction, vocabulary)
+            result |= {
+                "objects": list(item.objects),
+                "named": named,
+                "not_there": [name for name in named if name not in item.objects],
+            }
+        found = metrics.chair(predictions, [item.objects for item in items], vocabulary)
+        summary |= {name: value if name == "objects_named" else 100.0 * value for name, value in found.items()}
+    return per_item, summary
 
 
 def _anls(items, predictions):

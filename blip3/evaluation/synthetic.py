@@ -14,6 +14,8 @@ One entry (a JSON list of them, or JSON lines):
      "held_out": true,                       the question names a colour × shape pair held out of training
      "category": "adversarial",              optional breakdown (POPE's sampling); safety: `safety_kind`
      "facets": {"shapes": 3},                optional further breakdowns (the world: shapes in the image)
+     "objects": ["red circle", "blue star"], captions: what the image holds; the captions are then also
+                                             scored with CHAIR over the world's colour × shape phrases
      "metric": "exact_match"}                optional: overrides the metric the task implies
 
 Image paths are relative to the file's folder or to an `images/` folder beside it or above it (the
@@ -57,7 +59,12 @@ def load_synthetic(path: Path, image_root: Path | None = None) -> list[EvalItem]
     else:
         folder = path.absolute().parent
         roots = [folder, folder / "images", *(ancestor / "images" for ancestor in list(folder.parents)[:3])]
-    return [_item(entry, roots, f"{path.name}[{index}]") for index, entry in enumerate(entries)]
+    vocabulary = None
+    if any("objects" in entry for entry in entries):
+        from blip3.synthetic.world import object_vocabulary
+
+        vocabulary = object_vocabulary()  # one dict, shared by every item
+    return [_item(entry, roots, f"{path.name}[{index}]", vocabulary) for index, entry in enumerate(entries)]
 
 
 def metric_for(entry: dict[str, Any]) -> str:
@@ -78,7 +85,7 @@ def metric_for(entry: dict[str, Any]) -> str:
     return EXACT_MATCH
 
 
-def _item(entry: dict[str, Any], roots: list[Path], where: str) -> EvalItem:
+def _item(entry: dict[str, Any], roots: list[Path], where: str, vocabulary: dict[str, str] | None) -> EvalItem:
     names = entry.get("image") or []
     names = [names] if isinstance(names, str) else list(names)
     images = [_locate(name, roots, where) for name in names]
@@ -111,6 +118,8 @@ def _item(entry: dict[str, Any], roots: list[Path], where: str) -> EvalItem:
         category=_category(entry),
         facets={str(name): str(value) for name, value in entry.get("facets", {}).items()},
         context=[{"role": _ROLES[m["from"]], "content": m["value"]} for m in messages[:-1]],
+        objects=[str(name) for name in entry["objects"]] if "objects" in entry else None,
+        object_vocabulary=vocabulary if "objects" in entry else None,
     )
 
 

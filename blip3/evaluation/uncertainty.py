@@ -19,7 +19,10 @@ The numbers are recomputed from the per-item results the runner stores (`ItemRes
   document frequencies are kept from the whole set, as is usual when resampling CIDEr);
 - POPE's numbers (F1, accuracy, precision, recall, yes-ratio, hallucination rate) come from the
   resampled yes / no answers and labels;
-- the refusal and over-refusal rates from the resampled unsafe and safe requests.
+- the refusal and over-refusal rates from the resampled unsafe and safe requests;
+- CHAIR's numbers from the resampled captions' counts of objects named, named but not there, held
+  and found (CHAIR_i and object recall are ratios of sums, so they are bootstrapped; CHAIR_s, a
+  share of captions, gets the Wilson interval).
 On all items each gives the task's reported number exactly (tested). Resamples are drawn from a
 fixed seed, so a report is the same every time it is written.
 """
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blip3.evaluation.items import POPE, REFUSAL
+from blip3.evaluation.items import CIDER, POPE, REFUSAL
 from blip3.evaluation.scoring import PRIMARY_METRIC
 
 RESAMPLES = 1000
@@ -59,7 +62,7 @@ def statistic(items: Sequence, number: str | None = None) -> Statistic | None:
     """A task's number as a function of resampled item indices (items: `ItemResult`s of one task).
 
     number: a name of the task's summary (default: its main number, `PRIMARY_METRIC`). Resampled are
-    the main number of every metric, all of POPE's numbers and both refusal rates; None for others.
+    the main number of every metric, all of POPE's and CHAIR's numbers and both refusal rates; None for others.
     """
     if not items:
         raise ValueError("no items to resample")
@@ -93,6 +96,27 @@ def statistic(items: Sequence, number: str | None = None) -> Statistic | None:
             lambda indices: 100.0 * _ratio(declined[indices].sum(-1), asked[indices].sum(-1)),
             (int(declined.sum()), int(asked.sum())),
         )
+    if metric == CIDER and number in _CHAIR_NUMBERS:
+        if any("named" not in item.details for item in items):
+            return None
+        per_caption = {
+            "named": [len(item.details["named"]) for item in items],
+            "not_there": [len(item.details["not_there"]) for item in items],
+            "flagged": [bool(item.details["not_there"]) for item in items],
+            "held": [len(set(item.details["objects"])) for item in items],
+            "found": [len(set(item.details["objects"]) & set(item.details["named"])) for item in items],
+            "captions": [1] * len(items),
+        }
+        counts_of = {name: np.array(values, dtype=np.float64) for name, values in per_caption.items()}
+        numerator, denominator = _CHAIR_NUMBERS[number]
+        scale = 1.0 if number == "objects_named" else 100.0
+        counts = (int(counts_of["flagged"].sum()), len(items)) if number == "chair_s" else None
+        return Statistic(
+            lambda indices: (
+                scale * _ratio(counts_of[numerator][indices].sum(-1), counts_of[denominator][indices].sum(-1))
+            ),
+            counts,
+        )
     if number != PRIMARY_METRIC[metric] and not (metric == REFUSAL and number == "accuracy"):
         return None
     scores = np.array([item.score for item in items], dtype=np.float64)
@@ -110,6 +134,15 @@ _POPE_RATIOS = {
     "f1": lambda n: (2 * n["tp"], 2 * n["tp"] + n["fp"] + n["fn"]),  # = 2PR / (P + R)
     "yes_ratio": lambda n: (n["tp"] + n["fp"], n["tp"] + n["tn"] + n["fp"] + n["fn"]),
     "hallucination_rate": lambda n: (n["fp"], n["fp"] + n["tn"]),
+}
+
+
+# CHAIR's numbers as (numerator, denominator) sums over the captions, as `metrics.chair`.
+_CHAIR_NUMBERS = {
+    "chair_i": ("not_there", "named"),
+    "chair_s": ("flagged", "captions"),
+    "object_recall": ("found", "held"),
+    "objects_named": ("named", "captions"),
 }
 
 
