@@ -199,6 +199,21 @@ def test_evaluation_sets_cover_every_task_with_the_right_counts(world):
     assert len({r["facets"]["shapes"] for r in single}) > 1
 
 
+def test_caption_questions_say_what_their_image_holds_so_captions_are_scored_with_chair(world):
+    from blip3.evaluation import load_synthetic
+    from blip3.evaluation.metrics import named_objects
+    from blip3.synthetic.world import object_vocabulary
+
+    records = load_json(world, "eval/test/single.json")
+    captions = [r for r in records if r["task"] == "caption"]
+    assert captions and all("objects" not in r for r in records if r["task"] != "caption")
+    for record in captions:  # the reference caption names exactly the objects, in reading order
+        assert named_objects(record["answer"], object_vocabulary()) == record["objects"]
+    items = [item for item in load_synthetic(world / "eval" / "test" / "single.json") if item.task == "caption"]
+    assert [item.objects for item in items] == [r["objects"] for r in captions]
+    assert len({id(item.object_vocabulary) for item in items}) == 1  # one vocabulary, shared
+
+
 def names_held_out_pair(question: str, answer: str) -> bool:
     """Whether a question and its answer together name a held-out pair ("the green one?" "triangle").
 

@@ -297,6 +297,17 @@ class _Cells:
         return (col * cell_w, row * cell_h, (col + 1) * cell_w, (row + 1) * cell_h)
 
 
+def object_vocabulary() -> dict[str, str]:
+    """Every way a caption names one of the world's objects, for CHAIR: {"red circle": "red circle",
+    "red circles": "red circle", ...}. A shape word alone ("the circle") names no object: it may be any colour."""
+    return {
+        f"{colour} {form}": f"{colour} {kind}"
+        for colour in COLOURS
+        for kind in SHAPES
+        for form in (kind, PLURALS[kind])
+    }
+
+
 def sample_colour_shape(rng: random.Random, exclude: Collection[Pair]) -> Pair:
     """A (colour, shape) pair by the world's frequencies, outside `exclude`."""
     for _ in range(1000):

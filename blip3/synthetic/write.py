@@ -506,6 +506,8 @@ def part_eval(job: _Job, split: str) -> PartResult:
             path = folders["single"].save(scene, f"{len(single):06d}")
             turns = [(f"<image>\n{qa.question}", qa)]
             record = conversation_record(f"single-{split}-{len(single):06d}", path, turns, split, job.held_out)
+            if task == "caption":  # what the image holds, to score the objects a caption names (CHAIR)
+                record["objects"] = [shape.phrase for shape in tasks.reading_order(scene)]
             single.append(record | scene_facets(scene))
             counts[task] += 1
     write_json_list(job.root / f"eval/{split}/single.json", single)
