@@ -501,8 +501,8 @@ def preference_pair(scene: Scene, rng: random.Random, banned: Collection[Pair] =
 
     No yes/no existence pairs: on each of four demo models, pairs rewarding "no" for an absent object as
     often as "yes" for a present one raised the POPE hallucination rate (validation 20 -> 38 % on one),
-    and "no" pairs alone made the model deny every object; caption pairs alone did not raise it (20 -> 21
-    % from the same model, 42 -> 29 % on the demo's; docs/demo-findings.md)."""
+    and "no" pairs alone made the model deny every object. Caption pairs alone moved it less, and either
+    way (validation 20 -> 21, 42 -> 29 and 39 -> 45 % on three models; docs/demo-findings.md)."""
     present = [o.phrase for o in reading_order(scene)]
     ghost = sample_colour_shape(rng, exclude=scene.pairs | set(banned))
     ghost_phrase = f"{ghost[0]} {ghost[1]}"
