@@ -292,19 +292,22 @@ def test_named_objects_match_whole_phrases_the_longest_first_ignoring_case():
         metrics.named_objects("a red circle", {})
 
 
+def chair_of(captions, objects):
+    return metrics.chair([metrics.named_objects(caption, COLOURED) for caption in captions], objects)
+
+
 def test_chair_by_hand():
-    result = metrics.chair(
+    result = chair_of(
         ["A red circle and a blue star.", "Two red circles, one red circle.", "Nothing here."],
         [["red circle"], ["red circle", "blue star"], ["blue star"]],
-        COLOURED,
     )
     # mentions: 2 + 2 + 0, of which the first caption's blue star is not there; images hold 1 + 2 + 1
     # objects, of which the captions name 1 + 1 + 0
     assert result == pytest.approx({"chair_i": 1 / 4, "chair_s": 1 / 3, "object_recall": 2 / 4, "objects_named": 4 / 3})
-    silent = metrics.chair(["Nothing."], [["red circle"]], COLOURED)
+    silent = chair_of(["Nothing."], [["red circle"]])
     assert silent == {"chair_i": 0.0, "chair_s": 0.0, "object_recall": 0.0, "objects_named": 0.0}
     with pytest.raises(ValueError, match="one set of objects per caption"):
-        metrics.chair(["a red circle"], [], COLOURED)
+        chair_of(["a red circle"], [])
 
 
 def test_captions_whose_items_name_their_objects_are_also_scored_with_chair():

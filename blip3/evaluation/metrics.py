@@ -462,30 +462,30 @@ def named_objects(caption: str, vocabulary: Mapping[str, str]) -> list[str]:
     return [by_lower[match.group(0).lower()] for match in pattern.finditer(caption)]
 
 
-def chair(captions: Sequence[str], objects: Sequence[Sequence[str]], vocabulary: Mapping[str, str]) -> dict[str, float]:
+def chair(named: Sequence[Sequence[str]], objects: Sequence[Sequence[str]]) -> dict[str, float]:
     """CHAIR: how many of the objects captions name are not in their images, in [0, 1].
 
-    `objects[i]`: the names of the objects image i holds (the values of `vocabulary`).
+    `named[i]`: the objects caption i names, one entry per mention (`named_objects`); `objects[i]`: the
+    names of the objects image i holds.
     chair_i: mentions of an absent object / all mentions (every mention counts);
     chair_s: captions with at least one such mention / all captions;
     object_recall: the images' objects their captions name / all the images' objects;
     objects_named: mentions per caption (not a share: a caption that names less hallucinates less).
     An undefined ratio (no mentions at all, say) is 0.
     """
-    if len(captions) != len(objects) or not captions:
+    if len(named) != len(objects) or not named:
         raise ValueError("chair needs one set of objects per caption, and at least one caption")
     mentions = absent = flagged = held = found = 0
-    for caption, present in zip(captions, map(set, objects)):
-        named = named_objects(caption, vocabulary)
-        not_there = [name for name in named if name not in present]
-        mentions, absent, flagged = mentions + len(named), absent + len(not_there), flagged + bool(not_there)
-        held, found = held + len(present), found + len(present & set(named))
+    for names, present in zip(named, map(set, objects)):
+        not_there = [name for name in names if name not in present]
+        mentions, absent, flagged = mentions + len(names), absent + len(not_there), flagged + bool(not_there)
+        held, found = held + len(present), found + len(present & set(names))
     ratio = lambda num, den: num / den if den else 0.0
     return {
         "chair_i": ratio(absent, mentions),
-        "chair_s": ratio(flagged, len(captions)),
+        "chair_s": ratio(flagged, len(named)),
         "object_recall": ratio(found, held),
-        "objects_named": mentions / len(captions),
+        "objects_named": mentions / len(named),
     }
 
 

@@ -102,14 +102,14 @@ def _cider(items, predictions):
         vocabulary = items[0].object_vocabulary
         if any(item.object_vocabulary != vocabulary for item in items):
             raise ValueError(f"the captions of task {items[0].task!r} must share one object vocabulary")
-        for result, item, prediction in zip(per_item, items, predictions):
-            named = metrics.named_objects(prediction, vocabulary)
+        named = [metrics.named_objects(prediction, vocabulary) for prediction in predictions]  # once per caption
+        for result, item, names in zip(per_item, items, named):
             result |= {
                 "objects": list(item.objects),
-                "named": named,
-                "not_there": [name for name in named if name not in item.objects],
+                "named": names,
+                "not_there": [name for name in names if name not in item.objects],
             }
-        found = metrics.chair(predictions, [item.objects for item in items], vocabulary)
+        found = metrics.chair(named, [item.objects for item in items])
         summary |= {name: value if name == "objects_named" else 100.0 * value for name, value in found.items()}
     return per_item, summary
 
