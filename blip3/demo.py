@@ -38,7 +38,7 @@ class Profile:
     """How big each part of the demo is: `full` for `make demo`, `smoke` for the test suite."""
 
     world_sizes: str = "demo"
-    stage0_steps: int = 100
+    stage0_steps: int = 500  # text tiles -> their string: 55 / 60 / 68 % after 400 / 500 / 800 (docs/demo-findings.md)
     recipes: dict[str, str] = field(default_factory=dict)  # stage -> recipe overrides ("train.steps=...")
     eval_limit_per_task: int | None = 60  # test questions per task and stage (None: all)
     eval_batch_size: int = 32
@@ -227,8 +227,10 @@ def run_demo(out_dir: Path, profile_name: str = "full", seed: int = 0, stages: t
         write_initial_model(paths)
     with step("stage0", "2. stage 0: the vision tower (tiny SigLIP, sigmoid loss), then frozen"):
         metrics = train_stage0(paths, profile, seed)
+        reads = metrics["text_retrieval"]
         console.print(
             f"retrieval top-1 {metrics['retrieval']['top1']:.1%} (untrained {metrics['retrieval_before']['top1']:.1%})"
+            + (f"; text tiles -> their string {reads['top1']:.1%}" if reads else "")
         )
     results = []
     for number, stage in enumerate(stages, start=3):

@@ -14,11 +14,16 @@ from blip3.processing import anyres
 from blip3.synthetic.config import tiny_world_config
 from blip3.synthetic.stage0 import (
     Stage0Settings,
+    ViewSet,
+    _batch,
+    build_optimizer,
     build_siglip,
     caption_of_region,
     load_vision_tower,
     sincos_2d,
+    text_tiles,
     tile_regions,
+    tokenize_captions,
     train_stage0,
 )
 from blip3.synthetic.tokenizer import load_world_tokenizer
@@ -51,6 +56,63 @@ def test_a_region_caption_names_the_shapes_centred_in_it_and_only_whole_text():
     assert caption_of_region(scene, (0.5, 0.0, 1.0, 0.5)) == 'The text "KMN".'
     assert caption_of_region(scene, (0.5, 0.5, 1.0, 1.0)) == "A green cross."
     assert caption_of_region(scene, (0.0, 0.5, 0.5, 1.0)) is None  # only half of "PLAX" is there
+
+
+def test_text_tiles_are_the_tiles_holding_one_whole_string():
+    from PIL import Image
+
+    image = Image.new("RGB", (168, 56), "white")  # a 3×1 grid of 56-px tiles
+    texts = [
+        {"text": "YAK", "box": [0.05, 0.3, 0.28, 0.6]},  # inside the first tile
+        {"text": "ACE", "box": [0.30, 0.3, 0.40, 0.6]},  # cut by the edge between the first two
+        {"text": "ELK", "box": [0.70, 0.3, 0.95, 0.6]},  # inside the third
+    ]
+    views = text_tiles([(image, texts)], 56, anyres.XGENMM_GRIDS)
+    assert views.captions == ['The text "YAK".', 'The text "ELK".']
+    assert views.pixels.shape == (2, 56, 56, 3)
+
+
+def test_caption_tokens_are_padded_and_the_padding_masked(tmp_path):
+    build_world(tmp_path / "world", WorldSizes.smoke(), seed=0, workers=1, progress=False)
+    tokenizer = load_world_tokenizer(tmp_path / "world")
+    captions = ['The text "YAK".', "A red circle, a blue star and a green cross at the top."]
+    ids, mask = tokenize_captions(tokenizer, captions, 12)
+    assert ids.shape == mask.shape == (2, 12)
+    lengths = [len(t) for t in tokenizer(captions, add_special_tokens=False)["input_ids"]]
+    assert mask[0].sum() == lengths[0] < 12 and mask[1].sum() == 12 < lengths[1]  # the long one is cut
+    assert torch.all(ids[mask == 0] == tokenizer.pad_token_id)
+    assert mask[0, : lengths[0]].all() and not mask[0, lengths[0] :].any()  # real tokens first
+
+
+def test_a_batch_takes_its_shares_from_each_pool_and_no_caption_twice():
+    import random
+
+    import numpy as np
+
+    def pool(prefix, n):
+        return ViewSet(np.zeros((n, 4, 4, 3), np.uint8), [f"{prefix} {i % (n // 2)}." for i in range(n)])
+
+    pools = (pool("text", 20), pool("tile", 200), pool("global", 200))  # every caption twice
+    settings = Stage0Settings(batch_size=40, text_share=0.5, tile_share=0.25)
+    pixels, captions = _batch(random.Random(0), pools, settings)
+    assert len(captions) == len(set(captions)) == len(pixels)
+    kinds = [c.split()[0] for c in captions]
+    # 20 text tiles wanted but only 10 distinct captions exist; then 5 tiles and 15 global views
+    assert (kinds.count("text"), kinds.count("tile"), kinds.count("global")) == (10, 5, 15)
+
+
+def test_the_text_tower_learns_at_its_ratio_of_the_learning_rate(tmp_path):
+    build_world(tmp_path / "world", WorldSizes.smoke(), seed=0, workers=1, progress=False)
+    tokenizer = load_world_tokenizer(tmp_path / "world")
+    config = tiny_world_config(tokenizer, vision_width=32, vision_layers=1, vision_heads=2)
+    settings = Stage0Settings(learning_rate=1e-3, text_lr_ratio=0.1, text_width=32, text_layers=1)
+    model = build_siglip(config.vision_config, tokenizer, settings)
+    image_group, text_group = build_optimizer(model, settings).param_groups
+    assert image_group["lr"] == 1e-3 and text_group["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in text_group["params"]} == {id(p) for p in model.text_model.parameters()}
+    everything = {id(p) for p in model.parameters()}
+    assert {id(p) for p in image_group["params"]} | {id(p) for p in text_group["params"]} == everything
+    assert any(p is model.logit_bias for p in image_group["params"])
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +153,11 @@ def test_stage0_lowers_the_sigmoid_loss_and_logs_it(trained):
     retrieval = metrics["retrieval"]
     assert 0 <= retrieval["top1"] <= retrieval["top5"] <= 1 and retrieval["num_images"] == 16
     assert metrics["train_views"]["tiles"] > metrics["train_views"]["global"]  # every image adds 2-4 tiles
+    assert metrics["train_views"]["text_tiles"] > 0  # from the OCR pre-training images
     for probe in (metrics["patch_probe"], metrics["patch_probe_before"]):
         assert 0 <= probe["colour"] <= 1 and 0 <= probe["shape"] <= 1 and probe["test_objects"] > 0
+    for reads in (metrics["text_retrieval"], metrics["text_retrieval_before"]):  # the smoke world has 10 text tiles
+        assert 0 <= reads["top1"] <= reads["top5"] <= 1 and reads["num_images"] == 10
 
 
 def test_the_stage0_tower_loads_into_the_vlm_and_gives_its_features(trained):
@@ -117,5 +182,5 @@ def test_the_stage0_command_trains_and_reports(trained, tmp_path, capsys):
     root, _, _ = trained
     main(["stage0", str(root / "world"), "--out", str(tmp_path), "--steps", "3", "--batch-size", "8"])
     out = capsys.readouterr().out
-    assert "image->caption top-1" in out and "patch probe" in out
+    assert "image->caption top-1" in out and "patch probe" in out and "text tiles -> their string" in out
     assert (tmp_path / "vision_tower" / "config.json").is_file()

@@ -45,6 +45,12 @@ def cmd_stage0(args) -> None:
             f"patch probe (linear, what the VLM reads): colour {probe['colour']:.1%} (untrained {untrained['colour']:.1%}), "
             f"shape {probe['shape']:.1%} (untrained {untrained['shape']:.1%})"
         )
+    if metrics["text_retrieval"] is not None:
+        reads, untrained = metrics["text_retrieval"], metrics["text_retrieval_before"]
+        print(
+            f"text tiles -> their string top-1 {reads['top1']:.1%} (untrained {untrained['top1']:.1%}, "
+            f"chance {reads['chance_top1']:.1%})"
+        )
     print(f"vision tower: {Path(args.out) / 'vision_tower'}; metrics: {Path(args.out) / 'metrics.json'}")
 
 
@@ -75,6 +81,8 @@ def cmd_probe_captions(args) -> None:
 
 
 def add_commands(commands) -> None:
+    from blip3.synthetic.stage0 import Stage0Settings
+
     world = commands.add_parser("world", help="build the synthetic vision-language world (data, splits, tokenizer)")
     world.add_argument("out", type=Path, help="folder to write the world into")
     world.add_argument("--seed", type=int, default=0)
@@ -83,12 +91,15 @@ def add_commands(commands) -> None:
     world.add_argument("--workers", type=int, default=2, help="processes writing the parts in parallel")
     world.set_defaults(run=cmd_world)
 
-    stage0 = commands.add_parser("stage0", help="train the world's vision tower (a tiny SigLIP) on its caption pairs")
+    stage0 = commands.add_parser(
+        "stage0", help="train the world's vision tower (a tiny SigLIP) on its captions and text"
+    )
     stage0.add_argument("world", type=Path, help="a folder written by `blip3 world`")
     stage0.add_argument("--out", type=Path, default=Path("runs/stage0"))
-    stage0.add_argument("--steps", type=int, default=300)
-    stage0.add_argument("--batch-size", type=int, default=96)
-    stage0.add_argument("--lr", type=float, default=5e-4)
+    defaults = Stage0Settings()
+    stage0.add_argument("--steps", type=int, default=defaults.steps)
+    stage0.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    stage0.add_argument("--lr", type=float, default=defaults.learning_rate, help="the image tower's")
     stage0.add_argument("--seed", type=int, default=0)
     stage0.set_defaults(run=cmd_stage0)
 

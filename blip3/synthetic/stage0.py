@@ -2,15 +2,24 @@
 
 As the paper's models start from a contrastively pre-trained SigLIP, the demo first trains one:
 transformers' `SiglipModel` with its own sigmoid loss, on what the VLM's tower will see later —
-each caption image's squashed global view with its short caption, and its any-res tiles (cut exactly
-as the processor cuts them) with a caption of the objects and text inside each tile. The tiles teach the
-tower the scale at which small text is legible; the global views teach it whole scenes.
+each caption image's squashed global view with its short caption, its any-res tiles (cut exactly as
+the processor cuts them) with a caption of the objects and text inside each tile, and the text tiles
+of the OCR pre-training images ('The text "YAK".'). The tiles teach the tower the scale at which small
+text is legible; the global views teach it whole scenes.
+
+Reading is what the tower learns last, and it learned it only with three settings (docs/demo-findings.md,
+"The tower could not read"): text tiles in half of every batch (`text_share`); an attention mask over
+the caption padding, since SigLIP pools the last position and, over 32 positions, a caption's three
+letters start out nearly invisible in it; and a text tower learning 10× slower than the image tower
+(`text_lr_ratio`). Trained on text tiles alone without either of the last two, the tiles' embeddings
+collapsed to one point (pairwise cosine 0.9998) and the loss sat at the value of a constant logit.
 
 Only the vision tower is kept (`vision_tower/`, a `SiglipVisionModel` folder) and loaded into a VLM
-with `load_vision_tower`. Two checks say what it learned: retrieval on the validation pairs (image →
-caption, top-1 and top-5 among the distinct validation captions; chance is 1/N), and a patch probe
-(can a linear classifier read each object's colour and shape off the patch features the VLM will
-read?), each before and after training.
+with `load_vision_tower`. Three checks say what it learned, each before and after training: retrieval
+on the validation pairs (image → caption, top-1 and top-5 among the distinct validation captions;
+chance is 1/N); the same for the validation images' text tiles, among their distinct strings; and a
+patch probe (can a linear classifier read each object's colour and shape off the patch features the
+VLM will read?).
 """
 
 from __future__ import annotations
@@ -38,15 +47,15 @@ from blip3.synthetic.world import COLOURS, SHAPES
 
 @dataclass
 class Stage0Settings:
-    steps: int = 300
-    batch_size: int = 96
-    # 5e-4 rather than 2e-3: as good at retrieval (35% vs 37% top-1) and it keeps more of what the patch
-    # features held at initialisation (shape probe -3 points instead of -14), which is what the VLM reads.
-    learning_rate: float = 5e-4
+    steps: int = 500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    text_lr_ratio: float = 0.1  # the text tower's learning rate over the image tower's (see the module doc)
     weight_decay: float = 1e-4
-    warmup_steps: int = 40
-    tile_share: float = 0.5  # of each batch: tiles with their contents' captions (the rest: global views)
-    text_length: int = 32  # caption tokens, padded (SigLIP pools the last position)
+    warmup_steps: int = 20
+    text_share: float = 0.5  # of each batch: tiles holding only a string of text, with 'The text "…".'
+    tile_share: float = 0.5  # of the rest: tiles with their contents' captions (then global views)
+    text_length: int = 24  # caption tokens, padded and masked (the world's longest caption has 22)
     text_width: int = 96
     text_layers: int = 2
     text_heads: int = 4
@@ -98,6 +107,25 @@ def make_views(samples: list[tuple], tile_size: int, grids, with_tiles: bool) ->
     )
 
 
+def text_tiles(samples: list[tuple], tile_size: int, grids) -> ViewSet:
+    """The any-res tiles that hold one whole string, captioned 'The text "YAK".'.
+
+    `samples` are (PIL image, text regions [{"text", "box"}]) pairs: an OCR record's "ocr" list or a
+    scene's "texts". The world keeps shapes out of the cells that hold text, so such a tile shows the
+    string alone.
+    """
+    tiles, captions = [], []
+    for image, texts in samples:
+        plan = anyres.plan_anyres(image.size, grids, tile_size)
+        for tile, region in zip(anyres.anyres_tiles(image, plan)[1:], tile_regions(plan)):
+            inside = [t["text"] for t in texts if _whole_inside(t["box"], region)]
+            if len(inside) == 1:
+                tiles.append(tile)
+                captions.append(f'The text "{inside[0]}".')
+    pixels = np.stack(tiles) if tiles else np.zeros((0, tile_size, tile_size, 3), np.uint8)
+    return ViewSet(pixels, captions)
+
+
 def tile_regions(plan: anyres.AnyResPlan) -> list[tuple[float, float, float, float]]:
     """Each tile's region in normalized image coordinates (row-major, as the tiles are cut)."""
     cols, rows = plan.grid
@@ -123,27 +151,37 @@ def caption_of_region(scene: dict, region) -> str | None:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         return x1 <= cx < x2 and y1 <= cy < y2
 
-    def whole_inside(box):
-        eps = 1e-3
-        return x1 - eps <= box[0] and box[2] <= x2 + eps and y1 - eps <= box[1] and box[3] <= y2 + eps
-
     objects = sorted((o for o in scene["objects"] if centre_inside(o["box"])), key=lambda o: GRID_INDEX[o["position"]])
     parts = [with_article(f"{o['colour']} {o['kind']}") for o in objects]
-    parts += [f'the text "{t["text"]}"' for t in scene["texts"] if whole_inside(t["box"])]
+    parts += [f'the text "{t["text"]}"' for t in scene["texts"] if _whole_inside(t["box"], region)]
     if not parts:
         return None
     sentence = join_words(parts)
     return sentence[0].upper() + sentence[1:] + "."
 
 
-def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str], length: int) -> torch.Tensor:
-    """[N, length] ids, truncated or padded on the right with `<pad>` (no attention mask, as SigLIP)."""
+def _whole_inside(box, region) -> bool:
+    eps = 1e-3
+    x1, y1, x2, y2 = region
+    return x1 - eps <= box[0] and box[2] <= x2 + eps and y1 - eps <= box[1] and box[3] <= y2 + eps
+
+
+def tokenize_captions(
+    tokenizer: PreTrainedTokenizerBase, captions: list[str], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, length] ids, truncated or padded on the right with `<pad>`, and the mask of the real tokens.
+
+    The mask keeps the padding out of attention: SigLIP pools the last position, which is then a
+    summary of the caption alone rather than of a caption diluted by up to 30 pads.
+    """
     ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
     out = torch.full((len(captions), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(captions), length), dtype=torch.long)
     for row, tokens in enumerate(ids):
         tokens = tokens[:length]
         out[row, : len(tokens)] = torch.tensor(tokens)
-    return out
+        mask[row, : len(tokens)] = 1
+    return out, mask
 
 
 def to_pixel_values(pixels: np.ndarray, mean, std) -> torch.Tensor:
@@ -203,8 +241,9 @@ def retrieval_accuracy(model: SiglipModel, pixel_values, captions: list[str], to
     """Image -> caption retrieval among the distinct captions: top-1 and top-5 accuracy, and chance."""
     model.eval()
     candidates = sorted(set(captions))
+    ids, mask = tokenize_captions(tokenizer, candidates, text_length)
     # transformers 5 returns the pooled, projected embeddings as `pooler_output`
-    text_embeds = model.get_text_features(input_ids=tokenize_captions(tokenizer, candidates, text_length)).pooler_output
+    text_embeds = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
     image_embeds = torch.cat(
         [model.get_image_features(pixel_values=chunk).pooler_output for chunk in pixel_values.split(256)]
     )
@@ -270,23 +309,27 @@ def patch_probe(tower, train_samples, test_samples, config: Blip3Config, steps: 
     tower.eval()
     train_x, train_colour, train_shape = neighbourhoods(train_samples)
     test_x, test_colour, test_shape = neighbourhoods(test_samples)
+    return {
+        "colour": linear_probe(train_x, train_colour, test_x, test_colour, len(COLOURS), steps),
+        "shape": linear_probe(train_x, train_shape, test_x, test_shape, len(SHAPES), steps),
+        "train_objects": len(train_x),
+        "test_objects": len(test_x),
+    }
+
+
+def linear_probe(train_x, train_y, test_x, test_y, classes: int, steps: int) -> float:
+    """Test accuracy of a linear classifier fit full-batch with Adam on standardised features."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    accuracy = {}
-    for name, train_y, test_y, classes in (
-        ("colour", train_colour, test_colour, len(COLOURS)),
-        ("shape", train_shape, test_shape, len(SHAPES)),
-    ):
-        classifier = torch.nn.Linear(train_x.shape[1], classes)
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2)
-        for _ in range(steps):  # full batch: a few thousand rows
-            loss = torch.nn.functional.cross_entropy(classifier(train_x), train_y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            accuracy[name] = float((classifier(test_x).argmax(-1) == test_y).float().mean())
-    return accuracy | {"train_objects": len(train_x), "test_objects": len(test_x)}
+    classifier = torch.nn.Linear(train_x.shape[1], classes)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2)
+    for _ in range(steps):  # full batch: a few thousand rows
+        loss = torch.nn.functional.cross_entropy(classifier(train_x), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((classifier(test_x).argmax(-1) == test_y).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,11 +343,11 @@ def train_stage0(
     config: Blip3Config | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train the tower on `world_dir`'s caption shards; write `out_dir/vision_tower`, the log and metrics.
+    """Train the tower on `world_dir`'s caption and OCR shards; write `out_dir/vision_tower`, the log, metrics.
 
     config: the VLM configuration whose vision tower this is (default: `tiny_world_config` of the
     world's tokenizer); its `vision_config`, tile size, grids and normalisation are used.
-    Returns the metrics (also `out_dir/metrics.json`): retrieval before and after, loss, seconds.
+    Returns the metrics (also `out_dir/metrics.json`): retrieval and probes before and after, loss, seconds.
     """
     settings = settings or Stage0Settings()
     world_dir, out_dir = Path(world_dir), Path(out_dir)
@@ -316,31 +359,55 @@ def train_stage0(
     rng = random.Random(settings.seed)
     start, start_cpu = time.perf_counter(), time.process_time()
 
+    # -- data: global views, tiles, text tiles (training); global views and text tiles (validation)
     tile, grids = config.image_size, config.grids
     train = read_caption_shards([world_dir / p for p in manifest["files"]["captions/train"]])
     validation = read_caption_shards([world_dir / p for p in manifest["files"]["captions/validation"]])
+    ocr = read_caption_shards([world_dir / p for p in manifest["files"]["ocr"]])
     global_views, tile_views = make_views(train, tile, grids, with_tiles=settings.tile_share > 0)
+    train_text = text_tiles([(image, meta["ocr"]) for image, meta in ocr], tile, grids)
     validation_views, _ = make_views(validation, tile, grids, with_tiles=False)
+    validation_text = text_tiles([(image, meta["scene"]["texts"]) for image, meta in validation], tile, grids)
     mean, std = config.image_mean, config.image_std
     validation_pixels = to_pixel_values(validation_views.pixels, mean, std)
+    validation_text_pixels = to_pixel_values(validation_text.pixels, mean, std)
+    length = settings.text_length
 
+    # -- model, and what its tower knows before training
     model = build_siglip(config.vision_config, tokenizer, settings)
-    before = retrieval_accuracy(model, validation_pixels, validation_views.captions, tokenizer, settings.text_length)
-    probe_train = train[: settings.probe_images]
-    probe_before = patch_probe(model.vision_model, probe_train, validation, config) if settings.probe_images else None
+
+    def checks() -> dict:
+        tower = model.vision_model
+        # Text retrieval: each validation text tile against the distinct 'The text "…".' captions. A
+        # linear probe is no test of reading here: fit on 2,000 tiles, it names the string of an untrained
+        # tower's tiles about as often as a trained one's (57 %), and the VLM cannot read the former.
+        found = {
+            "retrieval": retrieval_accuracy(model, validation_pixels, validation_views.captions, tokenizer, length),
+            "text_retrieval": None,
+            "patch_probe": None,
+        }
+        if validation_text.captions:
+            found["text_retrieval"] = retrieval_accuracy(
+                model, validation_text_pixels, validation_text.captions, tokenizer, length
+            )
+        if settings.probe_images:
+            found["patch_probe"] = patch_probe(tower, train[: settings.probe_images], validation, config)
+        return found
+
+    before = checks()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = build_optimizer(model, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, settings))
 
+    # -- training
     log_path = out_dir / "stage0_log.jsonl"
     losses = []
     with log_path.open("w") as log, tqdm(range(settings.steps), desc="stage 0 (SigLIP)", disable=not progress) as bar:
         for step in bar:
-            pixels, captions = _batch(rng, global_views, tile_views, settings)
+            pixels, captions = _batch(rng, (train_text, tile_views, global_views), settings)
+            ids, mask = tokenize_captions(tokenizer, captions, settings.text_length)
             loss = model(
-                input_ids=tokenize_captions(tokenizer, captions, settings.text_length),
-                pixel_values=to_pixel_values(pixels, mean, std),
-                return_loss=True,
+                input_ids=ids, attention_mask=mask, pixel_values=to_pixel_values(pixels, mean, std), return_loss=True
             ).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -353,22 +420,21 @@ def train_stage0(
                 record = {"step": step, "loss": losses[-1], "lr": schedule.get_last_lr()[0]}
                 log.write(json.dumps(record | {"seconds": round(time.perf_counter() - start, 2)}) + "\n")
                 log.flush()
-        after = retrieval_accuracy(model, validation_pixels, validation_views.captions, tokenizer, settings.text_length)
-        probe_after = (
-            patch_probe(model.vision_model, probe_train, validation, config) if settings.probe_images else None
-        )
-        log.write(json.dumps({"step": settings.steps, "retrieval": after, "patch_probe": probe_after}) + "\n")
+        after = checks()
+        log.write(json.dumps({"step": settings.steps, **after}) + "\n")
 
     model.vision_model.save_pretrained(out_dir / "vision_tower")
     metrics = {
-        "retrieval_before": before,
-        "retrieval": after,
-        "patch_probe_before": probe_before,
-        "patch_probe": probe_after,
+        **{f"{name}_before": value for name, value in before.items()},
+        **after,
         "first_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(losses[-10:])) if losses else None,
         "steps": settings.steps,
-        "train_views": {"global": len(global_views.captions), "tiles": len(tile_views.captions)},
+        "train_views": {
+            "global": len(global_views.captions),
+            "tiles": len(tile_views.captions),
+            "text_tiles": len(train_text.captions),
+        },
         "seconds": round(time.perf_counter() - start, 1),
         # CPU time over all threads: on a shared machine, wall time says more about the neighbours.
         "cpu_seconds": round(time.process_time() - start_cpu, 1),
@@ -379,6 +445,20 @@ def train_stage0(
     return metrics
 
 
+def build_optimizer(model: SiglipModel, settings: Stage0Settings) -> torch.optim.AdamW:
+    """AdamW with the text tower at `text_lr_ratio` of the learning rate (the image tower, temperature, bias at 1)."""
+    text = list(model.text_model.parameters())
+    text_ids = {id(p) for p in text}
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in text_ids]},
+            {"params": text, "lr": settings.learning_rate * settings.text_lr_ratio},
+        ],
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+    )
+
+
 def _learning_rate_factor(step: int, settings: Stage0Settings) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < settings.warmup_steps:
@@ -387,11 +467,17 @@ def _learning_rate_factor(step: int, settings: Stage0Settings) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batch(rng: random.Random, global_views: ViewSet, tile_views: ViewSet, settings: Stage0Settings):
-    """A batch of views whose captions all differ: a repeated caption would be a false negative."""
-    num_tiles = round(settings.batch_size * settings.tile_share) if len(tile_views.captions) else 0
+def _batch(rng: random.Random, pools: tuple[ViewSet, ViewSet, ViewSet], settings: Stage0Settings):
+    """A batch of text tiles, tiles and global views whose captions all differ (a repeat is a false negative).
+
+    The world has a few dozen strings, so a batch holds at most that many text tiles.
+    """
+    text_views, tile_views, global_views = pools
+    num_text = round(settings.batch_size * settings.text_share) if len(text_views.captions) else 0
+    num_tiles = round((settings.batch_size - num_text) * settings.tile_share) if len(tile_views.captions) else 0
+    wanted_of = (num_text, num_tiles, settings.batch_size - num_text - num_tiles)
     picks, seen = [], set()
-    for views, wanted in ((tile_views, num_tiles), (global_views, settings.batch_size - num_tiles)):
+    for views, wanted in zip(pools, wanted_of):
         taken = 0
         for _ in range(20 * wanted):
             if taken == wanted:
