@@ -72,18 +72,6 @@ def test_text_tiles_are_the_tiles_holding_one_whole_string():
     assert views.pixels.shape == (2, 56, 56, 3)
 
 
-def test_caption_tokens_are_padded_and_the_padding_masked(tmp_path):
-    build_world(tmp_path / "world", WorldSizes.smoke(), seed=0, workers=1, progress=False)
-    tokenizer = load_world_tokenizer(tmp_path / "world")
-    captions = ['The text "YAK".', "A red circle, a blue star and a green cross at the top."]
-    ids, mask = tokenize_captions(tokenizer, captions, 12)
-    assert ids.shape == mask.shape == (2, 12)
-    lengths = [len(t) for t in tokenizer(captions, add_special_tokens=False)["input_ids"]]
-    assert mask[0].sum() == lengths[0] < 12 and mask[1].sum() == 12 < lengths[1]  # the long one is cut
-    assert torch.all(ids[mask == 0] == tokenizer.pad_token_id)
-    assert mask[0, : lengths[0]].all() and not mask[0, lengths[0] :].any()  # real tokens first
-
-
 def test_a_batch_takes_its_shares_from_each_pool_and_no_caption_twice():
     import random
 
@@ -99,20 +87,6 @@ def test_a_batch_takes_its_shares_from_each_pool_and_no_caption_twice():
     kinds = [c.split()[0] for c in captions]
     # 20 text tiles wanted but only 10 distinct captions exist; then 5 tiles and 15 global views
     assert (kinds.count("text"), kinds.count("tile"), kinds.count("global")) == (10, 5, 15)
-
-
-def test_the_text_tower_learns_at_its_ratio_of_the_learning_rate(tmp_path):
-    build_world(tmp_path / "world", WorldSizes.smoke(), seed=0, workers=1, progress=False)
-    tokenizer = load_world_tokenizer(tmp_path / "world")
-    config = tiny_world_config(tokenizer, vision_width=32, vision_layers=1, vision_heads=2)
-    settings = Stage0Settings(learning_rate=1e-3, text_lr_ratio=0.1, text_width=32, text_layers=1)
-    model = build_siglip(config.vision_config, tokenizer, settings)
-    image_group, text_group = build_optimizer(model, settings).param_groups
-    assert image_group["lr"] == 1e-3 and text_group["lr"] == pytest.approx(1e-4)
-    assert {id(p) for p in text_group["params"]} == {id(p) for p in model.text_model.parameters()}
-    everything = {id(p) for p in model.parameters()}
-    assert {id(p) for p in image_group["params"]} | {id(p) for p in text_group["params"]} == everything
-    assert any(p is model.logit_bias for p in image_group["params"])
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +158,27 @@ def test_the_stage0_command_trains_and_reports(trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "image->caption top-1" in out and "patch probe" in out and "text tiles -> their string" in out
     assert (tmp_path / "vision_tower" / "config.json").is_file()
+
+
+def test_caption_tokens_are_padded_and_the_padding_masked(trained):
+    tokenizer = load_world_tokenizer(trained[0] / "world")
+    captions = ['The text "YAK".', "A red circle, a blue star and a green cross at the top."]
+    ids, mask = tokenize_captions(tokenizer, captions, 12)
+    assert ids.shape == mask.shape == (2, 12)
+    lengths = [len(t) for t in tokenizer(captions, add_special_tokens=False)["input_ids"]]
+    assert mask[0].sum() == lengths[0] < 12 and mask[1].sum() == 12 < lengths[1]  # the long one is cut
+    assert torch.all(ids[mask == 0] == tokenizer.pad_token_id)
+    assert mask[0, : lengths[0]].all() and not mask[0, lengths[0] :].any()  # real tokens first
+
+
+def test_the_text_tower_learns_at_its_ratio_of_the_learning_rate(trained):
+    root, config, _ = trained
+    tokenizer = load_world_tokenizer(root / "world")
+    settings = Stage0Settings(learning_rate=1e-3, text_lr_ratio=0.1, text_width=32, text_layers=1)
+    model = build_siglip(config.vision_config, tokenizer, settings)
+    image_group, text_group = build_optimizer(model, settings).param_groups
+    assert image_group["lr"] == 1e-3 and text_group["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in text_group["params"]} == {id(p) for p in model.text_model.parameters()}
+    everything = {id(p) for p in model.parameters()}
+    assert {id(p) for p in image_group["params"]} | {id(p) for p in text_group["params"]} == everything
+    assert any(p is model.logit_bias for p in image_group["params"])

@@ -7,11 +7,11 @@ the processor cuts them) with a caption of the objects and text inside each tile
 of the OCR pre-training images ('The text "YAK".'). The tiles teach the tower the scale at which small
 text is legible; the global views teach it whole scenes.
 
-Reading is what the tower learns last, and it learned it only with three settings (docs/demo-findings.md,
-"The tower could not read"): text tiles in half of every batch (`text_share`); an attention mask over
-the caption padding, since SigLIP pools the last position and, over 32 positions, a caption's three
-letters start out nearly invisible in it; and a text tower learning 10× slower than the image tower
-(`text_lr_ratio`). Trained on text tiles alone without either of the last two, the tiles' embeddings
+Reading is what the tower learns last; it learned it with three settings together
+(docs/demo-findings.md, "The tower could not read"): text tiles in half of every batch (`text_share`);
+an attention mask over the caption padding, since SigLIP pools the last position and, with the
+padding attended, a caption's three letters start out nearly invisible in it; and a text tower
+learning 10× slower than the image tower (`text_lr_ratio`). Trained on text tiles alone without either of the last two, the tiles' embeddings
 collapsed to one point (pairwise cosine 0.9998) and the loss sat at the value of a constant logit.
 
 Only the vision tower is kept (`vision_tower/`, a `SiglipVisionModel` folder) and loaded into a VLM
@@ -172,7 +172,7 @@ def tokenize_captions(
     """[N, length] ids, truncated or padded on the right with `<pad>`, and the mask of the real tokens.
 
     The mask keeps the padding out of attention: SigLIP pools the last position, which is then a
-    summary of the caption alone rather than of a caption diluted by up to 30 pads.
+    summary of the caption alone rather than of a caption diluted by its padding.
     """
     ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
     out = torch.full((len(captions), length), tokenizer.pad_token_id, dtype=torch.long)
