@@ -38,7 +38,7 @@ class Profile:
     """How big each part of the demo is: `full` for `make demo`, `smoke` for the test suite."""
 
     world_sizes: str = "demo"
-    stage0_steps: int = 500  # text tiles -> their string: 55 / 60 / 68 % after 400 / 500 / 800 (docs/demo-findings.md)
+    stage0_steps: int | None = None  # None: Stage0Settings' own
     recipes: dict[str, str] = field(default_factory=dict)  # stage -> recipe overrides ("train.steps=...")
     eval_limit_per_task: int | None = 60  # test questions per task and stage (None: all)
     eval_batch_size: int = 32
@@ -143,7 +143,9 @@ def train_stage0(paths: DemoPaths, profile: Profile, seed: int) -> dict:
     from blip3.config import Blip3Config
     from blip3.synthetic.stage0 import Stage0Settings, train_stage0
 
-    settings = Stage0Settings(steps=profile.stage0_steps, seed=seed)
+    settings = Stage0Settings(seed=seed)
+    if profile.stage0_steps is not None:
+        settings.steps = profile.stage0_steps
     return train_stage0(paths.world, paths.stage0, settings, Blip3Config.from_pretrained(paths.init))
 
 

@@ -47,7 +47,7 @@ from blip3.synthetic.world import COLOURS, SHAPES
 
 @dataclass
 class Stage0Settings:
-    steps: int = 500
+    steps: int = 500  # text tiles -> their string 55 / 60 / 68 % after 400 / 500 / 800 (docs/demo-findings.md)
     batch_size: int = 64
     learning_rate: float = 1e-3
     text_lr_ratio: float = 0.1  # the text tower's learning rate over the image tower's (see the module doc)
