@@ -149,6 +149,17 @@ def train_stage0(paths: DemoPaths, profile: Profile, seed: int) -> dict:
     return train_stage0(paths.world, paths.stage0, settings, Blip3Config.from_pretrained(paths.init))
 
 
+def stage0_summary(metrics: dict) -> str:
+    """One line: what the tower learned (retrieval, and text tiles read, per text size)."""
+    from blip3.synthetic.stage0 import text_sizes
+
+    reads = metrics["text_retrieval"]
+    return (
+        f"retrieval top-1 {metrics['retrieval']['top1']:.1%} (untrained {metrics['retrieval_before']['top1']:.1%})"
+        + (f"; text tiles -> their string {reads['top1']:.1%}{text_sizes(metrics)}" if reads else "")
+    )
+
+
 def stage_config(stage: str, paths: DemoPaths, profile: Profile, seed: int):
     """The stage's recipe (`configs/demo/<stage>.yaml`) with the demo's paths filled in."""
     from blip3.training.config import load_config
@@ -228,12 +239,7 @@ def run_demo(out_dir: Path, profile_name: str = "full", seed: int = 0, stages: t
         build_world(paths, profile, seed, console)
         write_initial_model(paths)
     with step("stage0", "2. stage 0: the vision tower (tiny SigLIP, sigmoid loss), then frozen"):
-        metrics = train_stage0(paths, profile, seed)
-        reads = metrics["text_retrieval"]
-        console.print(
-            f"retrieval top-1 {metrics['retrieval']['top1']:.1%} (untrained {metrics['retrieval_before']['top1']:.1%})"
-            + (f"; text tiles -> their string {reads['top1']:.1%}" if reads else "")
-        )
+        console.print(stage0_summary(train_stage0(paths, profile, seed)))
     results = []
     for number, stage in enumerate(stages, start=3):
         with step(stage, f"{number}. {stage}"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -132,6 +133,13 @@ def test_stage0_lowers_the_sigmoid_loss_and_logs_it(trained):
         assert 0 <= probe["colour"] <= 1 and 0 <= probe["shape"] <= 1 and probe["test_objects"] > 0
     for reads in (metrics["text_retrieval"], metrics["text_retrieval_before"]):  # the smoke world has 10 text tiles
         assert 0 <= reads["top1"] <= reads["top5"] <= 1 and reads["num_images"] == 10
+    for when in ("", "_before"):  # per text size, against all the strings: the sizes' tiles add up to the whole
+        overall, by_size = metrics[f"text_retrieval{when}"], metrics[f"text_retrieval_by_size{when}"]
+        assert set(by_size) <= {"small", "large"} and by_size
+        assert sum(r["num_images"] for r in by_size.values()) == overall["num_images"]
+        assert all(r["num_captions"] == overall["num_captions"] for r in by_size.values())
+        hits = sum(r["top1"] * r["num_images"] for r in by_size.values())
+        assert hits == pytest.approx(overall["top1"] * overall["num_images"])
 
 
 def test_the_stage0_tower_loads_into_the_vlm_and_gives_its_features(trained):
@@ -157,6 +165,7 @@ def test_the_stage0_command_trains_and_reports(trained, tmp_path, capsys):
     main(["stage0", str(root / "world"), "--out", str(tmp_path), "--steps", "3", "--batch-size", "8"])
     out = capsys.readouterr().out
     assert "image->caption top-1" in out and "patch probe" in out and "text tiles -> their string" in out
+    assert re.search(r"text tiles -> their string top-1 [\d.]+% .*; (small|large) text [\d.]+%", out)
     assert (tmp_path / "vision_tower" / "config.json").is_file()
 
 

@@ -29,7 +29,7 @@ def cmd_world(args) -> None:
 
 
 def cmd_stage0(args) -> None:
-    from blip3.synthetic.stage0 import Stage0Settings, train_stage0
+    from blip3.synthetic.stage0 import Stage0Settings, text_sizes, train_stage0
 
     settings = Stage0Settings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     metrics = train_stage0(args.world, args.out, settings)
@@ -49,7 +49,7 @@ def cmd_stage0(args) -> None:
         reads, untrained = metrics["text_retrieval"], metrics["text_retrieval_before"]
         print(
             f"text tiles -> their string top-1 {reads['top1']:.1%} (untrained {untrained['top1']:.1%}, "
-            f"chance {reads['chance_top1']:.1%})"
+            f"chance {reads['chance_top1']:.1%}){text_sizes(metrics)}"
         )
     print(f"vision tower: {Path(args.out) / 'vision_tower'}; metrics: {Path(args.out) / 'metrics.json'}")
 

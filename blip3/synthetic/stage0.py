@@ -17,7 +17,8 @@ collapsed to one point (pairwise cosine 0.9998) and the loss sat at the value of
 Only the vision tower is kept (`vision_tower/`, a `SiglipVisionModel` folder) and loaded into a VLM
 with `load_vision_tower`. Three checks say what it learned, each before and after training: retrieval
 on the validation pairs (image → caption, top-1 and top-5 among the distinct validation captions;
-chance is 1/N); the same for the validation images' text tiles, among their distinct strings; and a
+chance is 1/N); the same for the validation images' text tiles, among their distinct strings, over
+all of them and per text size (the large strings are read long before the small ones); and a
 patch probe (can a linear classifier read each object's colour and shape off the patch features the
 VLM will read?).
 """
@@ -42,7 +43,7 @@ from blip3.processing import anyres
 from blip3.synthetic.config import tiny_world_config
 from blip3.synthetic.tasks import GRID_INDEX, join_words, with_article
 from blip3.synthetic.tokenizer import load_world_tokenizer
-from blip3.synthetic.world import COLOURS, SHAPES
+from blip3.synthetic.world import COLOURS, SHAPES, TEXT_SIZES
 
 
 @dataclass
@@ -237,10 +238,12 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retrieval_accuracy(model: SiglipModel, pixel_values, captions: list[str], tokenizer, text_length: int) -> dict:
-    """Image -> caption retrieval among the distinct captions: top-1 and top-5 accuracy, and chance."""
+def retrieval_accuracy(
+    model: SiglipModel, pixel_values, captions: list[str], tokenizer, text_length: int, candidates=None
+) -> dict:
+    """Image -> caption retrieval among the distinct captions (or `candidates`): top-1 and top-5 accuracy, and chance."""
     model.eval()
-    candidates = sorted(set(captions))
+    candidates = sorted(set(captions) if candidates is None else set(candidates))
     ids, mask = tokenize_captions(tokenizer, candidates, text_length)
     # transformers 5 returns the pooled, projected embeddings as `pooler_output`
     text_embeds = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
@@ -368,9 +371,16 @@ def train_stage0(
     train_text = text_tiles([(image, meta["ocr"]) for image, meta in ocr], tile, grids)
     validation_views, _ = make_views(validation, tile, grids, with_tiles=False)
     validation_text = text_tiles([(image, meta["scene"]["texts"]) for image, meta in validation], tile, grids)
+    validation_text_by_size = {  # small text is read through the tiles only, and is the harder to learn
+        size: text_tiles(
+            [(image, [t for t in meta["scene"]["texts"] if t["size"] == size]) for image, meta in validation],
+            tile,
+            grids,
+        )
+        for size in TEXT_SIZES
+    }
     mean, std = config.image_mean, config.image_std
     validation_pixels = to_pixel_values(validation_views.pixels, mean, std)
-    validation_text_pixels = to_pixel_values(validation_text.pixels, mean, std)
     length = settings.text_length
 
     # -- model, and what its tower knows before training
@@ -384,12 +394,19 @@ def train_stage0(
         found = {
             "retrieval": retrieval_accuracy(model, validation_pixels, validation_views.captions, tokenizer, length),
             "text_retrieval": None,
+            "text_retrieval_by_size": {},
             "patch_probe": None,
         }
-        if validation_text.captions:
-            found["text_retrieval"] = retrieval_accuracy(
-                model, validation_text_pixels, validation_text.captions, tokenizer, length
+        strings = validation_text.captions  # every size's tiles are matched against all the strings
+
+        def read(views: ViewSet) -> dict:
+            return retrieval_accuracy(
+                model, to_pixel_values(views.pixels, mean, std), views.captions, tokenizer, length, strings
             )
+
+        if strings:
+            found["text_retrieval"] = read(validation_text)
+            found["text_retrieval_by_size"] = {s: read(v) for s, v in validation_text_by_size.items() if v.captions}
         if settings.probe_images:
             found["patch_probe"] = patch_probe(tower, train[: settings.probe_images], validation, config)
         return found
@@ -443,6 +460,12 @@ def train_stage0(
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def text_sizes(metrics: dict) -> str:
+    """'; small text 24.6%; large text 100.0%' from `train_stage0`'s metrics ('' where it had no text tiles)."""
+    by_size = metrics.get("text_retrieval_by_size") or {}
+    return "".join(f"; {size} text {reads['top1']:.1%}" for size, reads in by_size.items())
 
 
 def build_optimizer(model: SiglipModel, settings: Stage0Settings) -> torch.optim.AdamW:
