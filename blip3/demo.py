@@ -3,6 +3,7 @@
     world      a seeded synthetic vision-language world, written in the real data formats
     stage 0    a tiny SigLIP trained contrastively on the world's captions; frozen from then on
     pretrain   captions, interleaved documents, OCR and grounding (next-token loss on text)
+    (tags)     with `--tags`: a second pre-training stage on tag lists ('Shapes: star green, circle red.')
     sft        single-image conversations
     multi      interleaved multi-image conversations
     dpo        preference pairs (faithful vs hallucinated), LoRA, reference = adapter disabled
@@ -51,7 +52,7 @@ PROFILES = {
         stage0_steps=3,
         recipes={
             stage: ["train.steps=2", "data.micro_batch_size=2"]
-            for stage in ("pretrain", "sft", "multi", "dpo", "safety")
+            for stage in ("pretrain", "tags", "sft", "multi", "dpo", "safety")
         },
         eval_limit_per_task=2,
         eval_batch_size=4,
@@ -59,11 +60,29 @@ PROFILES = {
 }
 
 STAGES = ("pretrain", "sft", "multi", "dpo", "safety")
+# `blip3 demo --tags`: 900 steps on tag lists after pre-training, which teach the model to find an object by
+# its shape (colour questions need it). Not in the default run: one demo with it answered colour questions
+# better and shape and box questions worse, and the stage takes ~2 min here (docs/demo-findings.md).
+WITH_TAGS = ("pretrain", "tags", "sft", "multi", "dpo", "safety")
 # Evaluated on the test split: every stage from SFT on. The pre-trained model has never seen a chat turn and
 # answers none of the questions (0 % on every task when it was evaluated); its validation loss says more.
 EVALUATED = ("sft", "multi", "dpo", "safety")
-RECIPES = {"pretrain": "pretrain", "sft": "sft", "multi": "sft-multi-image", "dpo": "dpo", "safety": "safety"}
-WORLD_MIXTURES = {"pretrain": "pretrain", "sft": "sft", "multi": "multi_image_sft", "dpo": "dpo", "safety": "safety"}
+RECIPES = {
+    "pretrain": "pretrain",
+    "tags": "pretrain-tags",
+    "sft": "sft",
+    "multi": "sft-multi-image",
+    "dpo": "dpo",
+    "safety": "safety",
+}
+WORLD_MIXTURES = {
+    "pretrain": "pretrain",
+    "tags": "tags",
+    "sft": "sft",
+    "multi": "multi_image_sft",
+    "dpo": "dpo",
+    "safety": "safety",
+}
 EVAL_FILES = ("single", "multi", "pope", "safety")
 
 
@@ -104,27 +123,31 @@ class DemoPaths:
 # the steps
 
 
-def build_world(paths: DemoPaths, profile: Profile, seed: int, console: Console) -> dict:
-    from blip3.synthetic.world import WorldSpec
-    from blip3.synthetic.write import WorldSizes, build_world
+def build_world(paths: DemoPaths, profile: Profile, seed: int, console: Console, tags: bool = False) -> dict:
+    from dataclasses import asdict
 
+    from blip3.synthetic.world import WorldSpec
+    from blip3.synthetic.write import build_world
+
+    sizes = world_sizes(profile, tags)
     manifest_file = paths.world / "manifest.json"
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
-        if manifest.get("seed") == seed and manifest.get("sizes") == _sizes(profile):
+        if manifest.get("seed") == seed and manifest.get("sizes") == asdict(sizes):
             console.print(f"world: reusing {paths.world}")
             return manifest
         shutil.rmtree(paths.world)
-    sizes = WorldSizes.smoke() if profile.world_sizes == "smoke" else WorldSizes.demo()
     return build_world(paths.world, sizes, WorldSpec(), seed=seed)
 
 
-def _sizes(profile: Profile) -> dict:
-    from dataclasses import asdict
+def world_sizes(profile: Profile, tags: bool):
+    """The profile's world, with the tag lists only where the tags stage will read them."""
+    from dataclasses import replace
 
     from blip3.synthetic.write import WorldSizes
 
-    return asdict(WorldSizes.smoke() if profile.world_sizes == "smoke" else WorldSizes.demo())
+    sizes = WorldSizes.smoke() if profile.world_sizes == "smoke" else WorldSizes.demo()
+    return sizes if tags else replace(sizes, tags=0)
 
 
 def write_initial_model(paths: DemoPaths, vision_token_mode: str = "anyres-patch") -> None:
@@ -160,11 +183,13 @@ def stage0_summary(metrics: dict) -> str:
     )
 
 
-def stage_config(stage: str, paths: DemoPaths, profile: Profile, seed: int):
-    """The stage's recipe (`configs/demo/<stage>.yaml`) with the demo's paths filled in."""
+def stage_config(stage: str, paths: DemoPaths, profile: Profile, seed: int, stages: tuple[str, ...] = STAGES):
+    """The stage's recipe (`configs/demo/<stage>.yaml`) with the demo's paths filled in; it starts from the
+    final checkpoint of the stage before it in `stages`."""
     from blip3.training.config import load_config
 
-    previous = STAGES[STAGES.index(stage) - 1] if stage != "pretrain" else None
+    position = stages.index(stage)
+    previous = stages[position - 1] if position > 0 else None
     overrides = [
         f"model.init={paths.init if previous is None else paths.final_checkpoint(previous)}",
         f"data.mixture={paths.world / (WORLD_MIXTURES[stage] + '.yaml')}",
@@ -236,14 +261,14 @@ def run_demo(out_dir: Path, profile_name: str = "full", seed: int = 0, stages: t
         return _Timer(timings, name)
 
     with step("world", "1. the synthetic world"):
-        build_world(paths, profile, seed, console)
+        build_world(paths, profile, seed, console, tags="tags" in stages)
         write_initial_model(paths)
     with step("stage0", "2. stage 0: the vision tower (tiny SigLIP, sigmoid loss), then frozen"):
         console.print(stage0_summary(train_stage0(paths, profile, seed)))
     results = []
     for number, stage in enumerate(stages, start=3):
         with step(stage, f"{number}. {stage}"):
-            train(stage_config(stage, paths, profile, seed))
+            train(stage_config(stage, paths, profile, seed, stages))
         if stage in EVALUATED or stage == stages[-1]:  # a run cut short still reports its last stage
             with step(f"eval-{stage}", f"   evaluating {stage} on the test split"):
                 results.append(evaluate_stage(stage, paths, profile))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from blip3.demo import EVALUATED, STAGES, run_demo
+from blip3.demo import EVALUATED, PROFILES, STAGES, WITH_TAGS, DemoPaths, run_demo, stage_config
 
 
 def test_smoke_demo_runs_every_stage_and_writes_the_report(tmp_path):
-    summary = run_demo(tmp_path, profile_name="smoke")
+    summary = run_demo(tmp_path, profile_name="smoke", stages=WITH_TAGS)  # every stage, the optional one too
     assert list(summary) == list(EVALUATED)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["stages"] == list(EVALUATED)
@@ -16,7 +16,12 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(tmp_path):
         assert set(report["tasks"][task]["scores"]) == set(EVALUATED), task
     assert (tmp_path / "report" / "scores.png").stat().st_size > 10_000
     assert "| task |" in (tmp_path / "report" / "report.md").read_text()
-    for stage in STAGES:
+    for stage in WITH_TAGS:
         assert (tmp_path / "stages" / stage / "loss.png").is_file(), stage
     timings = json.loads((tmp_path / "report" / "timings.json").read_text())
-    assert {"world", "stage0", *STAGES} <= set(timings)
+    assert {"world", "stage0", *WITH_TAGS} <= set(timings)
+    # each stage starts from the one before it in the run: SFT from the tags stage here, from pre-training without it
+    paths, profile = DemoPaths(tmp_path), PROFILES["smoke"]
+    assert stage_config("sft", paths, profile, 0, WITH_TAGS).model.init == str(paths.final_checkpoint("tags"))
+    assert stage_config("sft", paths, profile, 0, STAGES).model.init == str(paths.final_checkpoint("pretrain"))
+    assert stage_config("tags", paths, profile, 0, WITH_TAGS).data.mixture == str(tmp_path / "world" / "tags.yaml")

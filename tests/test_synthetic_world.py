@@ -156,6 +156,22 @@ def object_named(scene: Scene, question: str):
     return candidates[0]
 
 
+def test_tag_captions_put_each_shape_right_before_its_colour_in_random_order():
+    rng = random.Random(5)
+    orders = Counter()
+    for scene in scenes(5, 200):
+        caption = tasks.tag_caption(scene, rng)
+        assert caption.startswith("Shapes: ") and caption.endswith(".")
+        tags = [tuple(tag.split()) for tag in caption[len("Shapes: ") : -1].split(", ")]
+        assert Counter(tags) == Counter((o.kind, o.colour) for o in scene.objects)  # every shape, shape first
+        if len(scene.objects) > 1:
+            reading = [(o.kind, o.colour) for o in tasks.reading_order(scene)]
+            orders["reading order" if tags == reading else "other"] += 1
+    assert orders["other"] > orders["reading order"] > 0  # the order does not give the colour away
+    empty = Scene((56, 56), 56, (240, 240, 240), ())
+    assert tasks.tag_caption(empty, rng) == tasks.short_caption(empty) == "An empty picture."
+
+
 def test_single_image_answers_are_correct_by_construction():
     rng = random.Random(5)
     asked = set()

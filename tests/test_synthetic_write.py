@@ -95,6 +95,13 @@ def test_caption_ocr_and_grounding_shards_follow_the_schema(world):
             for obj in annotation["objects"]:
                 assert obj["phrase"] in annotation["caption"] and is_box(obj["box"])
     assert sum(len(tar_samples(p)) for p in shard_paths(world, "captions/train")) == SIZES.captions
+    tags = [members for path in shard_paths(world, "tags") for members in tar_samples(path).values()]
+    assert len(tags) == SIZES.tags
+    for members in tags:  # new scenes, each tag 'kind colour' of one of its shapes
+        scene = json.loads(members["json"])["scene"]
+        caption = members["txt"].decode()
+        listed = Counter(tuple(tag.split()) for tag in caption.removeprefix("Shapes: ").removesuffix(".").split(", "))
+        assert listed == Counter((o["kind"], o["colour"]) for o in scene["objects"])
     assert len(shard_paths(world, "captions/train")) == -(-SIZES.captions // SIZES.shard_size)
 
 
@@ -278,7 +285,7 @@ def test_mixtures_name_existing_files_and_the_data_readers_parse_every_sample(wo
     readers = pytest.importorskip("blip3.data.readers")
     records = pytest.importorskip("blip3.data.records")
     manifest = json.loads((world / "manifest.json").read_text())
-    assert set(manifest["mixtures"]) == {"stage0", "pretrain", "sft", "multi_image_sft", "dpo", "safety"}
+    assert set(manifest["mixtures"]) == {"stage0", "pretrain", "tags", "sft", "multi_image_sft", "dpo", "safety"}
     parsed = Counter()
     for stage, relative in manifest["mixtures"].items():
         config = yaml.safe_load((world / relative).read_text())

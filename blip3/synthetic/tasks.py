@@ -98,6 +98,22 @@ def short_caption(scene: Scene) -> str:
     return sentence[0].upper() + sentence[1:] + "."
 
 
+def tag_caption(scene: Scene, rng: random.Random) -> str:
+    """'Shapes: star green, circle red.': each shape word right before its colour, in random order.
+
+    The other captions name the colour first ("a red circle"), so pre-training teaches the model to
+    find an object by its colour, the colour word's own position looking the object up, and never by
+    its shape, which "What colour is the circle?" needs. Here the shape word is followed by its colour,
+    and the random order keeps reading order from giving the colour away (docs/demo-findings.md: "The
+    model finds an object by its colour"). A scene without shapes gets its short caption.
+    """
+    objects = list(scene.objects)
+    if not objects:
+        return short_caption(scene)
+    rng.shuffle(objects)
+    return "Shapes: " + ", ".join(f"{o.kind} {o.colour}" for o in objects) + "."
+
+
 def dense_caption(scene: Scene) -> str:
     """Every object with its position, the text, the hazard, and the number of shapes."""
     parts = [f"{with_article(o.phrase)} {AT[o.position]}" for o in reading_order(scene)]

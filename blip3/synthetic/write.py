@@ -57,6 +57,7 @@ class WorldSizes:
 
     captions: int = 4000
     caption_validation: int = 256
+    tags: int = 14400  # tag lists of new scenes: one pass of `blip3 demo --tags`'s stage (900 steps of 16); 0: none
     interleaved: int = 600
     ocr: int = 1500
     grounding: int = 1500
@@ -92,6 +93,7 @@ class WorldSizes:
         return cls(
             captions=48,
             caption_validation=16,
+            tags=16,
             interleaved=8,
             ocr=12,
             grounding=12,
@@ -262,6 +264,34 @@ def part_captions(job: _Job, split: str) -> PartResult:
     )
     result.counts[split] = Counter(pretrain_captions=count)
     result.num_images = count
+    return result
+
+
+def part_tags(job: _Job) -> PartResult:
+    """Tag lists of new scenes ('Shapes: star green, circle red.'), the caption format's samples.
+
+    The only text of the world that names a shape right before its colour: pre-trained on them, the
+    model learns to find an object by its shape, which colour questions need (`tasks.tag_caption`).
+    """
+    rng = job.rng("tags")
+    result = PartResult("tags")
+
+    def samples():
+        for index in range(job.sizes.tags):
+            scene = ordinary_scene(rng, job.spec, job.sizes.text_rate, job.sizes.hazard_rate)
+            caption = tasks.tag_caption(scene, rng)
+            result.texts.append(caption)
+            yield {
+                "__key__": f"{index:07d}",
+                "png": encode_png(render_scene(scene)),
+                "txt": caption,
+                "json": json.dumps({"scene": scene.to_dict()}),
+            }
+
+    if job.sizes.tags:
+        result.files["tags"] = write_shards(job.root, "pretrain/tags/train", samples(), job.sizes.shard_size)
+    result.counts["train"] = Counter(pretrain_tags=job.sizes.tags)
+    result.num_images = job.sizes.tags
     return result
 
 
@@ -588,6 +618,7 @@ def _eval_scene(job: _Job, rng: random.Random, task: str, focus: list) -> Scene:
 PARTS: dict[str, Callable[[_Job], PartResult]] = {
     "sft/multi": part_sft_multi,
     "captions/train": lambda job: part_captions(job, "train"),
+    "tags": part_tags,
     "eval/test": lambda job: part_eval(job, "test"),
     "sft/single": part_sft_single,
     "ocr": part_ocr,
@@ -642,7 +673,7 @@ def _mixtures(files: dict) -> dict[str, dict]:
     captions = shards("captions", "caption", "captions/train", 1.0)
     validation_single = llava("validation_single", files["eval/validation"]["single"], 1.0)
     validation_multi = llava("validation_multi", files["eval/validation"]["multi"], 1.0)
-    return {
+    mixtures = {
         "stage0": {
             "stage": "stage0",
             "sources": [captions],
@@ -694,6 +725,9 @@ def _mixtures(files: dict) -> dict[str, dict]:
             ],
         },
     }
+    if files.get("tags"):  # the second pre-training stage of `blip3 demo --tags`
+        mixtures["tags"] = {"stage": "tags", "sources": [shards("tags", "caption", "tags", 1.0)]}
+    return mixtures
 
 
 # ---------------------------------------------------------------------------------------------------
