@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import SiglipVisionModel
 
 from blip3 import Blip3ForConditionalGeneration
@@ -60,8 +63,6 @@ def test_a_region_caption_names_the_shapes_centred_in_it_and_only_whole_text():
 
 
 def test_text_tiles_are_the_tiles_holding_one_whole_string():
-    from PIL import Image
-
     image = Image.new("RGB", (168, 56), "white")  # a 3×1 grid of 56-px tiles
     texts = [
         {"text": "YAK", "box": [0.05, 0.3, 0.28, 0.6]},  # inside the first tile
@@ -74,10 +75,6 @@ def test_text_tiles_are_the_tiles_holding_one_whole_string():
 
 
 def test_a_batch_takes_its_shares_from_each_pool_and_no_caption_twice():
-    import random
-
-    import numpy as np
-
     def pool(prefix, n):
         return ViewSet(np.zeros((n, 4, 4, 3), np.uint8), [f"{prefix} {i % (n // 2)}." for i in range(n)])
 
