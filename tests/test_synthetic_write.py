@@ -8,6 +8,7 @@ import random
 import re
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,16 @@ def test_the_world_is_a_function_of_the_seed(world, tmp_path):
     other, ours = tree(tmp_path / "other"), tree(world)
     assert {k for k in other if not k.startswith("images/")} == {k for k in ours if not k.startswith("images/")}
     assert other["sft/single.json"] != ours["sft/single.json"]
+
+
+def test_tag_lists_add_their_own_files_and_change_nothing_else(world, tmp_path):
+    # `blip3 demo --tags` must share the default run's tokenizer (and so its stage 0 and pre-training)
+    build_world(tmp_path / "untagged", replace(SIZES, tags=0), seed=0, workers=1, progress=False)
+    untagged, tagged = tree(tmp_path / "untagged"), tree(world)
+    tag_files = {k for k in tagged if k.startswith("pretrain/tags/")} | {"tags.yaml"}
+    assert tag_files - {"tags.yaml"} and set(untagged) == set(tagged) - tag_files
+    changed = {k for k in untagged if untagged[k] != tagged[k]}
+    assert changed == {"manifest.json"}  # its sizes, counts, files and mixtures name the tag lists
 
 
 def test_caption_ocr_and_grounding_shards_follow_the_schema(world):

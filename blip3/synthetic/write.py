@@ -272,6 +272,9 @@ def part_tags(job: _Job) -> PartResult:
 
     The only text of the world that names a shape right before its colour: pre-trained on them, the
     model learns to find an object by its shape, which colour questions need (`tasks.tag_caption`).
+    Their words are the other texts' words, and they are kept out of the tokenizer's training text: a world
+    with tags then differs from one without only by these files, so `blip3 demo --tags` runs the default
+    demo's stage 0 and pre-training to the bit, and the two runs compare stage by stage.
     """
     rng = job.rng("tags")
     result = PartResult("tags")
@@ -280,7 +283,6 @@ def part_tags(job: _Job) -> PartResult:
         for index in range(job.sizes.tags):
             scene = ordinary_scene(rng, job.spec, job.sizes.text_rate, job.sizes.hazard_rate)
             caption = tasks.tag_caption(scene, rng)
-            result.texts.append(caption)
             yield {
                 "__key__": f"{index:07d}",
                 "png": encode_png(render_scene(scene)),
