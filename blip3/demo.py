@@ -85,6 +85,10 @@ WORLD_MIXTURES = {
     "safety": "safety",
 }
 EVAL_FILES = ("single", "multi", "pope", "safety")
+# POPE, the hallucination probe, is asked in full: its three categories (random, popular, adversarial), 150
+# absent objects. The per-task limit would keep the random category's first 60 questions, 30 absent objects,
+# which measure a hallucination rate to about ±16 points.
+UNLIMITED = frozenset({"pope"})
 
 
 @dataclass
@@ -213,15 +217,16 @@ def stage_config(stage: str, paths: DemoPaths, profile: Profile, seed: int, stag
 def evaluate_stage(
     stage: str, paths: DemoPaths, profile: Profile, files: tuple[str, ...] = EVAL_FILES, label: str | None = None
 ) -> Any:
-    """Every test question of the world's `files` (up to `eval_limit_per_task` per task) on the stage's final
-    model (a LoRA stage's adapter is merged into its base on loading)."""
+    """Every test question of the world's `files` (up to `eval_limit_per_task` per task, POPE's all) on the
+    stage's final model (a LoRA stage's adapter is merged into its base on loading)."""
     from blip3.evaluation import evaluate, load_synthetic
     from blip3.factory import load_pretrained
 
     model, processor = load_pretrained(paths.final_checkpoint(stage))
     items = []
     for name in files:
-        items += _limit(load_synthetic(paths.world / "eval" / "test" / f"{name}.json"), profile.eval_limit_per_task)
+        limit = None if name in UNLIMITED else profile.eval_limit_per_task
+        items += _limit(load_synthetic(paths.world / "eval" / "test" / f"{name}.json"), limit)
     label = label or stage
     results = evaluate(
         model.eval(), processor, items, batch_size=profile.eval_batch_size, label=label, benchmark="synthetic world"

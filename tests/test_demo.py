@@ -14,6 +14,12 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert report["stages"] == list(EVALUATED)
     for task in ("colour", "count", "ocr_small", "grounding", "multi_which", "pope", "safety"):
         assert set(report["tasks"][task]["scores"]) == set(EVALUATED), task
+    # POPE is asked in full, all three categories; the other tasks up to the profile's limit per task
+    paths, profile = DemoPaths(tmp_path), PROFILES["smoke"]
+    pope = json.loads((tmp_path / "world" / "eval" / "test" / "pope.json").read_text())
+    asked = json.loads((tmp_path / "report" / "sft.json").read_text())["items"]
+    assert sum(item["task"] == "pope" for item in asked) == len(pope) == 12 > profile.eval_limit_per_task
+    assert sum(item["task"] == "colour" for item in asked) == profile.eval_limit_per_task
     assert (tmp_path / "report" / "scores.png").stat().st_size > 10_000
     assert "| task |" in (tmp_path / "report" / "report.md").read_text()
     for stage in WITH_TAGS:
@@ -21,7 +27,6 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(tmp_path):
     timings = json.loads((tmp_path / "report" / "timings.json").read_text())
     assert {"world", "stage0", *WITH_TAGS} <= set(timings)
     # each stage starts from the one before it in the run: SFT from the tags stage here, from pre-training without it
-    paths, profile = DemoPaths(tmp_path), PROFILES["smoke"]
     assert stage_config("sft", paths, profile, 0, WITH_TAGS).model.init == str(paths.final_checkpoint("tags"))
     assert stage_config("sft", paths, profile, 0, STAGES).model.init == str(paths.final_checkpoint("pretrain"))
     assert stage_config("tags", paths, profile, 0, WITH_TAGS).data.mixture == str(tmp_path / "world" / "tags.yaml")

@@ -76,14 +76,20 @@ def test_the_world_is_a_function_of_the_seed(world, tmp_path):
     assert other["sft/single.json"] != ours["sft/single.json"]
 
 
-def test_tag_lists_add_their_own_files_and_change_nothing_else(world, tmp_path):
+def test_tag_lists_add_their_own_files_and_change_only_the_sft_replay(world, tmp_path):
     # `blip3 demo --tags` must share the default run's tokenizer (and so its stage 0 and pre-training)
     build_world(tmp_path / "untagged", replace(SIZES, tags=0), seed=0, workers=1, progress=False)
     untagged, tagged = tree(tmp_path / "untagged"), tree(world)
     tag_files = {k for k in tagged if k.startswith("pretrain/tags/")} | {"tags.yaml"}
     assert tag_files - {"tags.yaml"} and set(untagged) == set(tagged) - tag_files
     changed = {k for k in untagged if untagged[k] != tagged[k]}
-    assert changed == {"manifest.json"}  # its sizes, counts, files and mixtures name the tag lists
+    assert changed == {"manifest.json", "sft.yaml"}  # the manifest names the tag lists; SFT replays them
+    weights = {
+        name: {source["name"]: source["weight"] for source in yaml.safe_load(files["sft.yaml"])["sources"]}
+        for name, files in (("untagged", untagged), ("tagged", tagged))
+    }
+    assert weights["untagged"] == {"sft_single": 0.8, "captions": 0.2}
+    assert weights["tagged"] == {"sft_single": 0.8, "captions": 0.1, "tags": 0.1}
 
 
 def test_caption_ocr_and_grounding_shards_follow_the_schema(world):
@@ -266,9 +272,10 @@ def test_sft_stages_replay_pretraining_captions_which_show_the_held_out_pairs(wo
     (pretrain_captions,) = [s for s in pretrain["sources"] if s["format"] == "caption"]
     for stage in ("sft", "multi_image_sft"):
         sources = yaml.safe_load((world / manifest["mixtures"][stage]).read_text())["sources"]
-        (replayed,) = [s for s in sources if s["format"] == "caption"]
-        assert replayed["path"] == pretrain_captions["path"]
-        assert 0 < replayed["weight"] <= 0.25 * sum(s["weight"] for s in sources)  # mostly questions still
+        (replayed,) = [s for s in sources if s["name"] == "captions"]
+        assert replayed["path"] == pretrain_captions["path"] and replayed["weight"] > 0
+        replay = sum(s["weight"] for s in sources if s["format"] == "caption")  # captions, and tag lists in SFT
+        assert replay <= 0.25 * sum(s["weight"] for s in sources)  # mostly questions still
     captions = [
         sample["txt"].decode() for path in shard_paths(world, "captions/train") for sample in tar_samples(path).values()
     ]
