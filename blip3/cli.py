@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--tags",
         action="store_true",
-        help="add a second pre-training stage on tag lists (900 steps, ~2 min): colour answers better, others may fall",
+        help="add a stage of tag lists after pre-training (900 steps, ~2 min), replayed in SFT: colour answers "
+        "better, other tasks may fall",
     )
     demo.add_argument(
         "--quick", action="store_true", help="only the inference path on an untrained tiny model (seconds)"
