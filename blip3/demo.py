@@ -41,7 +41,7 @@ class Profile:
     world_sizes: str = "demo"
     stage0_steps: int | None = None  # None: Stage0Settings' own
     recipes: dict[str, str] = field(default_factory=dict)  # stage -> recipe overrides ("train.steps=...")
-    eval_limit_per_task: int | None = 60  # test questions per task and stage (None: all)
+    eval_limit_per_task: int | None = 60  # test questions per task and stage (None: all; POPE: all, `UNLIMITED`)
     eval_batch_size: int = 32
 
 

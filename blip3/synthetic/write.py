@@ -273,8 +273,9 @@ def part_tags(job: _Job) -> PartResult:
     The only text of the world that names a shape right before its colour: pre-trained on them, the
     model learns to find an object by its shape, which colour questions need (`tasks.tag_caption`).
     Their words are the other texts' words, and they are kept out of the tokenizer's training text: a world
-    with tags then differs from one without only by these files, so `blip3 demo --tags` runs the default
-    demo's stage 0 and pre-training to the bit, and the two runs compare stage by stage.
+    with tags then differs from one without only by these files and SFT's mixture (which replays them), so
+    `blip3 demo --tags` runs the default demo's stage 0 and pre-training to the bit, and the two runs compare
+    stage by stage.
     """
     rng = job.rng("tags")
     result = PartResult("tags")
@@ -730,10 +731,10 @@ def _mixtures(files: dict) -> dict[str, dict]:
     if files.get("tags"):  # the second pre-training stage of `blip3 demo --tags`
         tags = shards("tags", "caption", "tags", 1.0)
         mixtures["tags"] = {"stage": "tags", "sources": [tags]}
-        # and half of SFT's replay: the lookup by shape the tags stage teaches survives SFT only if SFT keeps
-        # using it. From one tags model (900 steps, 200 of 200 shapes found), the SFT model answered 198 of
-        # 200 colour questions by shape with this replay and 110 without (test colour 88 against 68 %); from
-        # a tags model of 400 steps, 114 even with it (docs/demo-findings.md).
+        # and half of SFT's replay: the lookup by shape the tags stage teaches survives SFT more often if SFT
+        # keeps using it. From one tags model (900 steps, 200 of 200 shapes found), the SFT model answered 198
+        # of 200 colour questions by shape with this replay and 110 without (test colour 88 against 68 %);
+        # with it SFT kept the lookup in two runs of three, without it in one of two (docs/demo-findings.md).
         mixtures["sft"]["sources"] = [single | {"weight": 0.8}, captions | {"weight": 0.1}, tags | {"weight": 0.1}]
     return mixtures
 
