@@ -731,10 +731,10 @@ def _mixtures(files: dict) -> dict[str, dict]:
     if files.get("tags"):  # the second pre-training stage of `blip3 demo --tags`
         tags = shards("tags", "caption", "tags", 1.0)
         mixtures["tags"] = {"stage": "tags", "sources": [tags]}
-        # and half of SFT's replay: the lookup by shape the tags stage teaches survives SFT more often if SFT
-        # keeps using it. From one tags model (900 steps, 200 of 200 shapes found), the SFT model answered 198
+        # and half of SFT's replay: the lookup by shape the tags stage teaches survives SFT if SFT keeps using
+        # it. From one tags model (900 steps, 200 of 200 shapes found), the SFT model answered 198
         # of 200 colour questions by shape with this replay and 110 without (test colour 88 against 68 %);
-        # with it SFT kept the lookup in two runs of three, without it in one of two (docs/demo-findings.md).
+        # with it SFT kept the lookup in three runs of three, without it in one of two (docs/demo-findings.md).
         mixtures["sft"]["sources"] = [single | {"weight": 0.8}, captions | {"weight": 0.1}, tags | {"weight": 0.1}]
     return mixtures
 
