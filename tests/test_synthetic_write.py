@@ -21,7 +21,7 @@ from blip3.cli import main
 from blip3.synthetic import tasks
 from blip3.synthetic.config import tiny_world_config
 from blip3.synthetic.tokenizer import load_world_tokenizer
-from blip3.synthetic.world import TEXT_ALPHABET, WorldSpec
+from blip3.synthetic.world import COLOURS, SHAPES, TEXT_ALPHABET, WorldSpec
 from blip3.synthetic.write import WorldSizes, build_world, ordinary_scene
 
 SIZES = WorldSizes.smoke()
@@ -80,7 +80,7 @@ def test_tag_lists_add_their_own_files_and_change_only_the_sft_replay(world, tmp
     # `blip3 demo --tags` must share the default run's tokenizer (and so its stage 0 and pre-training)
     build_world(tmp_path / "untagged", replace(SIZES, tags=0), seed=0, workers=1, progress=False)
     untagged, tagged = tree(tmp_path / "untagged"), tree(world)
-    tag_files = {k for k in tagged if k.startswith("pretrain/tags/")} | {"tags.yaml"}
+    tag_files = {k for k in tagged if k.startswith(("pretrain/tags/", "pretrain/tags-absent/"))} | {"tags.yaml"}
     assert tag_files - {"tags.yaml"} and set(untagged) == set(tagged) - tag_files
     changed = {k for k in untagged if untagged[k] != tagged[k]}
     assert changed == {"manifest.json", "sft.yaml"}  # the manifest names the tag lists; SFT replays them
@@ -89,7 +89,7 @@ def test_tag_lists_add_their_own_files_and_change_only_the_sft_replay(world, tmp
         for name, files in (("untagged", untagged), ("tagged", tagged))
     }
     assert weights["untagged"] == {"sft_single": 0.8, "captions": 0.2}
-    assert weights["tagged"] == {"sft_single": 0.8, "captions": 0.1, "tags": 0.1}
+    assert weights["tagged"] == {"sft_single": 0.8, "captions": 0.1, "tags_absent": 0.1}
 
 
 def test_caption_ocr_and_grounding_shards_follow_the_schema(world):
@@ -119,6 +119,14 @@ def test_caption_ocr_and_grounding_shards_follow_the_schema(world):
         caption = members["txt"].decode()
         listed = Counter(tuple(tag.split()) for tag in caption.removeprefix("Shapes: ").removesuffix(".").split(", "))
         assert listed == Counter((o["kind"], o["colour"]) for o in scene["objects"])
+    with_absent = [members for path in shard_paths(world, "tags_absent") for members in tar_samples(path).values()]
+    assert [m["png"] for m in with_absent] == [m["png"] for m in tags]  # the same images, for SFT to replay
+    for plain, members in zip(tags, with_absent):  # the same list, then one pair the scene does not hold
+        scene = json.loads(members["json"])["scene"]
+        caption, absent = members["txt"].decode().split(" Absent: ")
+        kind, colour = absent.removesuffix(".").split()
+        assert caption == plain["txt"].decode() and kind in SHAPES and colour in COLOURS
+        assert (colour, kind) not in {(o["colour"], o["kind"]) for o in scene["objects"]}
     assert len(shard_paths(world, "captions/train")) == -(-SIZES.captions // SIZES.shard_size)
 
 

@@ -114,6 +114,22 @@ def tag_caption(scene: Scene, rng: random.Random) -> str:
     return "Shapes: " + ", ".join(f"{o.kind} {o.colour}" for o in objects) + "."
 
 
+def absent_tag_caption(scene: Scene, tags: str, rng: random.Random) -> str:
+    """`tags` with one colour–shape pair the scene does not hold: 'Shapes: star green. Absent: star red.'
+
+    Half the time the pair shares its colour or its shape with a present object (the pairs a model that
+    checks colour and shape apart would take for present). A scene without shapes keeps its caption.
+    SFT replays these lists of a `blip3 demo --tags` world: replaying the plain lists kept the tags stage's
+    lookup by shape but left the model saying "yes" to absent objects (docs/demo-findings.md).
+    """
+    if not scene.objects:
+        return tags
+    absent = [(colour, kind) for colour in COLOURS for kind in SHAPES if (colour, kind) not in scene.pairs]
+    near = [pair for pair in absent if any(pair[0] == c or pair[1] == k for c, k in scene.pairs)]
+    colour, kind = rng.choice(near if near and rng.random() < 0.5 else absent)
+    return f"{tags} Absent: {kind} {colour}."
+
+
 def dense_caption(scene: Scene) -> str:
     """Every object with its position, the text, the hazard, and the number of shapes."""
     parts = [f"{with_article(o.phrase)} {AT[o.position]}" for o in reading_order(scene)]
