@@ -61,9 +61,9 @@ PROFILES = {
 
 STAGES = ("pretrain", "sft", "multi", "dpo", "safety")
 # `blip3 demo --tags`: 900 steps on tag lists after pre-training, which teach the model to find an object by
-# its shape (colour questions need it); SFT then replays them. Not in the default run: in every demo with it
-# colour answers gained 13 to 28 points, but in each some other task fell (existence and POPE, or boxes and
-# position), and the stage takes ~2 min 20 s here (docs/demo-findings.md).
+# its shape (colour questions need it); SFT then replays them, each naming an absent pair too. Not in the
+# default run for its time (2-3 min here): in its one demo colour +18 to +27, position +15 to +22, POPE
+# hallucination -20 to -29 points, large text -8 to -20 (docs/demo-findings.md).
 WITH_TAGS = ("pretrain", "tags", "sft", "multi", "dpo", "safety")
 # Evaluated on the test split: every stage from SFT on. The pre-trained model has never seen a chat turn and
 # answers none of the questions (0 % on every task when it was evaluated); its validation loss says more.
