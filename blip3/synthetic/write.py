@@ -743,7 +743,7 @@ def _mixtures(files: dict) -> dict[str, dict]:
         # the plain lists in three of three, but those SFT models said "yes" to half of POPE's absent objects
         # or more. From the same tags model, replaying the lists with an absent pair kept the lookup (196 of
         # 200 colour questions by shape) and took the POPE hallucination rate from 51 to 13 % (default SFT:
-        # 33 %); a tags stage on such lists lost the lookup (docs/demo-findings.md).
+        # 33 %; the whole demo with it: 9 %); a tags stage on such lists lost the lookup (docs/demo-findings.md).
         absent = shards("tags_absent", "caption", "tags_absent", 0.1)
         mixtures["sft"]["sources"] = [single | {"weight": 0.8}, captions | {"weight": 0.1}, absent]
     return mixtures
