@@ -124,10 +124,17 @@ def absent_tag_caption(scene: Scene, tags: str, rng: random.Random) -> str:
     """
     if not scene.objects:
         return tags
-    absent = [(colour, kind) for colour in COLOURS for kind in SHAPES if (colour, kind) not in scene.pairs]
-    near = [pair for pair in absent if any(pair[0] == c or pair[1] == k for c, k in scene.pairs)]
+    absent, near = absent_pairs(scene)
     colour, kind = rng.choice(near if near and rng.random() < 0.5 else absent)
     return f"{tags} Absent: {kind} {colour}."
+
+
+def absent_pairs(scene: Scene) -> tuple[list[Pair], list[Pair]]:
+    """The colour–shape pairs the scene does not hold, and those of them that share their colour or their
+    shape with a pair it holds (POPE's adversarial absentees)."""
+    absent = [(colour, kind) for colour in COLOURS for kind in SHAPES if (colour, kind) not in scene.pairs]
+    near = [pair for pair in absent if any(pair[0] == c or pair[1] == k for c, k in scene.pairs)]
+    return absent, near
 
 
 def dense_caption(scene: Scene) -> str:
@@ -634,11 +641,10 @@ def pope_questions(scene: Scene, rng: random.Random, category: str) -> list[QA]:
     adversarial: an absent pair sharing its colour or its shape with a present object.
     """
     present = rng.choice(scene.objects).pair
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in scene.pairs]
+    absent, near = absent_pairs(scene)
     if category == "popular":
         absent = sorted(absent, key=pair_frequency, reverse=True)[:5]
     elif category == "adversarial":
-        near = [p for p in absent if any(p[0] == q[0] or p[1] == q[1] for q in scene.pairs)]
         absent = near or absent
     elif category != "random":
         raise ValueError(f"POPE category must be one of {POPE_CATEGORIES}, got {category!r}")
