@@ -58,7 +58,7 @@ def run_anyres_ablation(
 
     console.rule("[bold]the world and stage 0 (shared by every mode)")
     with _Timer(timings, "world"):
-        build_world(shared_paths, profile, seed, console)
+        build_world(shared_paths, profile, seed, console, keep=shared is not None)
     if (shared_paths.stage0 / "vision_tower" / "config.json").is_file():
         console.print(f"stage 0: reusing {shared_paths.stage0}")
     else:

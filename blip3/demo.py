@@ -128,7 +128,11 @@ class DemoPaths:
 # the steps
 
 
-def build_world(paths: DemoPaths, profile: Profile, seed: int, console: Console, tags: bool = False) -> dict:
+def build_world(
+    paths: DemoPaths, profile: Profile, seed: int, console: Console, tags: bool = False, keep: bool = False
+) -> dict:
+    """The run's world: reused if it was built for the same seed and sizes, else (re)built; with `keep`, a
+    world built for other settings is an error instead (a shared world another run trained on is kept)."""
     from dataclasses import asdict
 
     from blip3.synthetic.world import WorldSpec
@@ -141,6 +145,11 @@ def build_world(paths: DemoPaths, profile: Profile, seed: int, console: Console,
         if manifest.get("seed") == seed and manifest.get("sizes") == asdict(sizes):
             console.print(f"world: reusing {paths.world}")
             return manifest
+        if keep:
+            raise ValueError(
+                f"{paths.world} was built for another seed or other sizes (with or without `--tags`) than this run's "
+                f"(seed {seed}, tags {'on' if tags else 'off'}); it is left as it is"
+            )
         shutil.rmtree(paths.world)
     return build_world(paths.world, sizes, WorldSpec(), seed=seed)
 

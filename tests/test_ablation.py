@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from blip3.ablation import run_anyres_ablation
 from blip3.cli import main
 
 
@@ -18,3 +21,10 @@ def test_the_anyres_ablation_trains_every_mode_on_the_same_world_and_reports_the
     for mode in report["stages"]:
         assert (tmp_path / mode / "stages" / "sft" / "loss.png").is_file()
     assert "ocr_small" in capsys.readouterr().out
+    # a shared folder whose world was built for other settings (another seed, `demo --tags`) is an error, and its
+    # world is left as it was
+    manifest = (tmp_path / "world" / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="another seed or other sizes"):
+        run_anyres_ablation(tmp_path / "other", profile_name="smoke", seed=1, modes=("base",), shared=tmp_path)
+    assert (tmp_path / "world" / "manifest.json").read_text() == manifest
+    assert not (tmp_path / "other" / "base").exists()
