@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from itertools import product
 
 import numpy as np
 import pytest
@@ -339,3 +340,21 @@ def test_preference_pairs_reject_a_caption_naming_an_absent_object():
         count_sentence = {answer.rsplit(". ", 1)[1] for answer in (pair.chosen, pair.rejected)}
         kinds["invented" if len(count_sentence) == 2 else "swapped"] += 1
     assert kinds["invented"] > 20 and kinds["swapped"] > 20
+
+
+def test_existence_preference_pairs_prefer_the_true_yes_or_no_as_often_for_present_as_for_absent_objects():
+    rng = random.Random(12)
+    chosen, categories = Counter(), Counter()
+    for scene in scenes(12, 400):
+        pair = tasks.existence_preference_pair(scene, rng, banned=HELD_OUT)
+        assert pair.task == "preference_existence" and {pair.chosen, pair.rejected} == {"yes", "no"}
+        asked = next(p for p in product(COLOURS, SHAPES) if pair.question == tasks.existence_question(p))
+        assert asked not in HELD_OUT
+        assert (pair.chosen == "yes") == (asked in scene.pairs)
+        assert pair.hallucinated == ([] if pair.chosen == "yes" else [f"{asked[0]} {asked[1]}"])
+        chosen[pair.chosen] += 1
+        if pair.chosen == "no":
+            _, near = tasks.absent_pairs(scene)
+            categories["near" if asked in near else "other"] += 1
+    assert 160 < chosen["yes"] < 240  # as often, within noise
+    assert categories["near"] > categories["other"] > 20  # adversarial ones among them (and random ones often near)

@@ -294,16 +294,26 @@ def test_sft_stages_replay_pretraining_captions_which_show_the_held_out_pairs(wo
 def test_preference_pairs_follow_the_jsonl_schema(world):
     for split in ("train", "validation"):
         records = load_json(world, f"preference/{split}.jsonl")
-        assert len(records) == (SIZES.preference if split == "train" else SIZES.preference_validation)
+        assert len(records) == 2 * (SIZES.preference if split == "train" else SIZES.preference_validation)
         for record in records:
             assert record["prompt"].startswith("<image>\n") and len(record["images"]) == 1
             assert (world / "images" / record["images"][0]).is_file()
             assert record["chosen"] != record["rejected"]
-            # the rejected caption names an object the image does not hold
-            assert record["task"] == "preference_caption" and record["hallucinated"]
+        # each image: a caption pair, whose rejected caption names an object the image does not hold, then a
+        # yes / no pair about one object on the same image
+        for caption, existence in zip(records[::2], records[1::2]):
+            assert caption["task"] == "preference_caption" and caption["hallucinated"]
             assert all(
-                ghost in record["rejected"] and ghost not in record["chosen"] for ghost in record["hallucinated"]
+                ghost in caption["rejected"] and ghost not in caption["chosen"] for ghost in caption["hallucinated"]
             )
+            assert existence["task"] == "preference_existence" and existence["images"] == caption["images"]
+            assert existence["id"] == caption["id"] + "-existence"
+            assert {existence["chosen"], existence["rejected"]} == {"yes", "no"}
+            asked = (
+                existence["prompt"].removeprefix("<image>\nIs there ").removesuffix(" in the image?").split(" ", 1)[1]
+            )
+            assert (asked in existence["objects_present"]) == (existence["chosen"] == "yes")
+            assert existence["hallucinated"] == ([] if existence["chosen"] == "yes" else [asked])
 
 
 def test_mixtures_name_existing_files_and_the_data_readers_parse_every_sample(world):

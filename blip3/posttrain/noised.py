@@ -25,7 +25,7 @@ one that does not tokenise as a valid pair is skipped and counted by reason.
 
 Closed questions. On a yes / no question the prior is one answer (a model that cannot see says "no",
 say), so the noised negatives of such prompts all point one way and teach the opposite bias, not
-looking: on the demo world, whose pairs are a third existence questions, a second pass over them
+looking: on the demo world, whose pairs were a third existence questions then, a second pass over them
 took the DPO model's hallucination rate from 43 to 100 % (docs/demo-findings.md). The paper's data
 (VLFeedback) asks open questions; `min_chosen_words` keeps the pass to those (skipped rows are
 counted as `short_chosen`).

@@ -64,8 +64,8 @@ class WorldSizes:
     sft_single: int = 3000  # conversations of `min_turns` to `max_turns` questions
     sft_multi: int = 1500  # conversations of up to `multi_turns` questions (see `part_sft_multi`)
     sft_safety: int = 600
-    preference: int = 600
-    preference_validation: int = 100
+    preference: int = 600  # images, each with a caption pair and a yes/no existence pair
+    preference_validation: int = 100  # images, as `preference`
     validation_per_task: int = 30  # single- and multi-image evaluation questions per task
     test_per_task: int = 100
     pope_validation_per_category: int = 20  # images; each gives one "yes" and one "no" question
@@ -480,7 +480,9 @@ def part_sft_safety(job: _Job) -> PartResult:
 
 
 def part_preference(job: _Job, split: str) -> PartResult:
+    """A caption pair per image, then a yes/no existence pair on the same image (`tasks`): 2 × `count` rows."""
     rng = job.rng(f"preference/{split}")
+    existence_rng = job.rng(f"preference/{split}/existence")  # the caption pairs do not depend on these
     result = PartResult(f"preference/{split}")
     images = ImageFolder(job.root, split, "preference")
     count = job.sizes.preference if split == "train" else job.sizes.preference_validation
@@ -488,23 +490,27 @@ def part_preference(job: _Job, split: str) -> PartResult:
     for index in range(count):
         # Captions name every object, so held-out pairs stay out of the scene entirely.
         scene = sample_scene(rng, job.spec, forbidden=job.held_out)
-        pair = tasks.preference_pair(scene, rng, banned=job.held_out)
+        caption_pair = tasks.preference_pair(scene, rng, banned=job.held_out)
+        existence_pair = tasks.existence_preference_pair(scene, existence_rng, banned=job.held_out)
         path = images.save(scene, f"{index:06d}")
-        records.append(
-            {
-                "id": f"preference-{split}-{index:06d}",
-                "images": [path],
-                "prompt": f"<image>\n{pair.question}",
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "task": pair.task,
-                "objects_present": pair.objects_present,
-                "hallucinated": pair.hallucinated,
-                "split": split,
-            }
-        )
-        counts[pair.task] += 1
-        result.texts += [pair.question, pair.chosen, pair.rejected]
+        for suffix, pair in (("", caption_pair), ("-existence", existence_pair)):
+            records.append(
+                {
+                    "id": f"preference-{split}-{index:06d}{suffix}",
+                    "images": [path],
+                    "prompt": f"<image>\n{pair.question}",
+                    "chosen": pair.chosen,
+                    "rejected": pair.rejected,
+                    "task": pair.task,
+                    "objects_present": pair.objects_present,
+                    "hallucinated": pair.hallucinated,
+                    "split": split,
+                }
+            )
+            counts[pair.task] += 1
+        # The tokenizer's text: the caption pairs. The existence pairs' question and answers are those of the
+        # SFT conversations, already in it; adding them would change its counts, so its merges and every model.
+        result.texts += [caption_pair.question, caption_pair.chosen, caption_pair.rejected]
     write_jsonl(job.root / f"preference/{split}.jsonl", records)
     result.files[f"preference/{split}"] = [f"preference/{split}.jsonl"]
     result.counts[split] = counts
