@@ -155,7 +155,8 @@ def cmd_demo(args) -> None:
     else:
         from blip3.demo import STAGES, WITH_TAGS, run_demo
 
-        run_demo(args.out, profile_name=args.profile, seed=args.seed, stages=WITH_TAGS if args.tags else STAGES)
+        stages = WITH_TAGS if args.tags else STAGES
+        run_demo(args.out, profile_name=args.profile, seed=args.seed, stages=stages, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add a stage of tag lists after pre-training (900 steps, ~2 min), replayed in SFT: colour answers "
         "better, other tasks may fall",
+    )
+    demo.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep stage 0 and the stages already finished in --out with the same recipe, up to the first that "
+        "is not (a run cut short goes on from there); evaluation and the report are redone",
     )
     demo.add_argument(
         "--quick", action="store_true", help="only the inference path on an untrained tiny model (seconds)"

@@ -145,7 +145,7 @@ def build_world(
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("seed") == seed and manifest.get("sizes") == asdict(sizes):
             console.print(f"world: reusing {paths.world}")
-            return manifest
+            return {**manifest, "reused": True}
         if keep:
             raise ValueError(
                 f"{paths.world} was built for another seed or other sizes (with or without `--tags`) than this run's "
@@ -177,14 +177,34 @@ def write_initial_model(paths: DemoPaths, vision_token_mode: str = "anyres-patch
     Blip3Processor.from_config(config, tokenizer).save_pretrained(paths.init)
 
 
-def train_stage0(paths: DemoPaths, profile: Profile, seed: int) -> dict:
+def train_stage0(paths: DemoPaths, profile: Profile, seed: int, reuse: bool = False) -> dict:
+    """Stage 0's metrics; with `reuse`, those of a tower already trained in `paths.stage0` with the same
+    settings (marked `"reused": True`) instead of training it again."""
+    from dataclasses import asdict
+
     from blip3.config import Blip3Config
     from blip3.synthetic.stage0 import Stage0Settings, train_stage0
 
     settings = Stage0Settings(seed=seed)
     if profile.stage0_steps is not None:
         settings.steps = profile.stage0_steps
+    metrics_file = paths.stage0 / "metrics.json"
+    if reuse and metrics_file.is_file() and (paths.stage0 / "vision_tower" / "config.json").is_file():
+        metrics = json.loads(metrics_file.read_text())
+        if metrics.get("settings") == json.loads(json.dumps(asdict(settings))):
+            return {**metrics, "reused": True}
     return train_stage0(paths.world, paths.stage0, settings, Blip3Config.from_pretrained(paths.init))
+
+
+def finished_stage(run_dir: Path, config) -> Path | None:
+    """The final checkpoint of a stage already trained in `run_dir` with this very recipe, if there is one."""
+    from blip3.training.checkpoint import latest_checkpoint
+
+    saved, checkpoint = run_dir / "config.yaml", latest_checkpoint(run_dir)
+    if not saved.is_file() or checkpoint is None or checkpoint.name != f"step-{config.train.steps:06d}":
+        return None
+    same_recipe = yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return checkpoint if same_recipe else None
 
 
 def stage0_summary(metrics: dict) -> str:
@@ -261,8 +281,14 @@ def _limit(items: list, per_task: int | None) -> list:
 # the whole run
 
 
-def run_demo(out_dir: Path, profile_name: str = "full", seed: int = 0, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run everything into `out_dir`; return the evaluation summary per stage (also in report/report.json)."""
+def run_demo(
+    out_dir: Path, profile_name: str = "full", seed: int = 0, stages: tuple[str, ...] = STAGES, resume: bool = False
+) -> dict:
+    """Run everything into `out_dir`; return the evaluation summary per stage (also in report/report.json).
+
+    `resume`: keep stage 0 and each training stage already finished in `out_dir` with the same settings, up to
+    the first that is not (a run cut short goes on from there); every stage after one that trains again is
+    trained again too. Evaluation and the report are always redone."""
     from blip3.evaluation.report import write_report
     from blip3.training.trainer import train
 
@@ -277,14 +303,22 @@ def run_demo(out_dir: Path, profile_name: str = "full", seed: int = 0, stages: t
         return _Timer(timings, name)
 
     with step("world", "1. the synthetic world"):
-        build_world(paths, profile, seed, console, tags="tags" in stages)
+        reuse = build_world(paths, profile, seed, console, tags="tags" in stages).get("reused", False) and resume
         write_initial_model(paths)
     with step("stage0", "2. stage 0: the vision tower (tiny SigLIP, sigmoid loss), then frozen"):
-        console.print(stage0_summary(train_stage0(paths, profile, seed)))
+        metrics = train_stage0(paths, profile, seed, reuse=reuse)
+        reuse = metrics.get("reused", False)
+        console.print(("reusing it: " if reuse else "") + stage0_summary(metrics))
     results = []
     for number, stage in enumerate(stages, start=3):
         with step(stage, f"{number}. {stage}"):
-            train(stage_config(stage, paths, profile, seed, stages))
+            config = stage_config(stage, paths, profile, seed, stages)
+            checkpoint = finished_stage(paths.stage(stage), config) if reuse else None
+            if checkpoint is not None:
+                console.print(f"{stage}: reusing {checkpoint}")
+            else:
+                train(config)
+                reuse = False
         if stage in EVALUATED or stage == stages[-1]:  # a run cut short still reports its last stage
             with step(f"eval-{stage}", f"   evaluating {stage} on the test split"):
                 results.append(evaluate_stage(stage, paths, profile))
