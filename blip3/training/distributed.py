@@ -86,7 +86,7 @@ def wrap_model(model: nn.Module, strategy: str, distributed: Distributed, bf16: 
         device_ids = [distributed.device.index] if distributed.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         kwargs = {"mp_policy": policy} if policy is not None else {}
@@ -94,6 +94,9 @@ def wrap_model(model: nn.Module, strategy: str, distributed: Distributed, bf16: 
         for layer in model.model.language_model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(model.model.token_sampler, **kwargs)
+        # `locate` (the tile-position codes) runs after the sampler's forward has resharded its weights:
+        # without this it meets a sharded weight ("mixed torch.Tensor and DTensor")
+        register_fsdp_forward_method(model.model.token_sampler, "locate")
         fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown strategy {strategy!r}: auto, none, ddp or fsdp")
