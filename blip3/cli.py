@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--tags",
         action="store_true",
-        help="add a stage of tag lists after pre-training (900 steps, ~2 min), replayed in SFT: colour answers "
+        help="add a stage of tag lists after pre-training (900 steps, 2-3 min), replayed in SFT: colour answers "
         "better, other tasks may fall",
     )
     demo.add_argument(

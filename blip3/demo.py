@@ -198,12 +198,13 @@ def train_stage0(paths: DemoPaths, profile: Profile, seed: int, reuse: bool = Fa
 
 def finished_stage(run_dir: Path, config) -> Path | None:
     """The final checkpoint of a stage already trained in `run_dir` with this very recipe, if there is one."""
-    from blip3.training.checkpoint import latest_checkpoint
+    from blip3.training.checkpoint import STEP_DIR, latest_checkpoint
 
     saved, checkpoint = run_dir / "config.yaml", latest_checkpoint(run_dir)
-    if not saved.is_file() or checkpoint is None or checkpoint.name != f"step-{config.train.steps:06d}":
+    if not saved.is_file() or checkpoint is None or int(STEP_DIR.match(checkpoint.name)[1]) != config.train.steps:
         return None
-    same_recipe = yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # through YAML, as the trainer saved it: tuples and lists compare equal
+    same_recipe = yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(config.to_dict()))
     return checkpoint if same_recipe else None
 
 

@@ -569,15 +569,15 @@ def existence_preference_pair(scene: Scene, rng: random.Random, banned: Collecti
     they lowered the POPE hallucination rate after DPO on each of four demo models (seeds 0 and 1, with and
     without `--tags`), by 1 to 17 points against caption pairs alone (docs/demo-findings.md). On the models of
     the recipe before stage 0 taught the tower to read (POPE accuracy 66 %, now 70-92 %) they had raised it."""
-    present = [o.pair for o in reading_order(scene) if o.pair not in banned]
+    objects = reading_order(scene)
+    present = [o.pair for o in objects if o.pair not in banned]
     if present and rng.random() < 0.5:
         pair, chosen, rejected, hallucinated = rng.choice(present), "yes", "no", []
     else:
         pair = absent_object(scene, rng, rng.choice(POPE_CATEGORIES), banned)
         chosen, rejected, hallucinated = "no", "yes", [f"{pair[0]} {pair[1]}"]
-    objects_present = [o.phrase for o in reading_order(scene)]
     return PreferencePair(
-        "preference_existence", existence_question(pair), chosen, rejected, objects_present, hallucinated
+        "preference_existence", existence_question(pair), chosen, rejected, [o.phrase for o in objects], hallucinated
     )
 
 
