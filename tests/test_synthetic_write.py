@@ -22,7 +22,7 @@ from blip3.synthetic import tasks
 from blip3.synthetic.config import tiny_world_config
 from blip3.synthetic.tokenizer import load_world_tokenizer
 from blip3.synthetic.world import COLOURS, SHAPES, TEXT_ALPHABET, WorldSpec
-from blip3.synthetic.write import WorldSizes, build_world, ordinary_scene
+from blip3.synthetic.write import WorldSizes, build_world, ordinary_scene, write_test_split
 
 SIZES = WorldSizes.smoke()
 HELD_OUT_PHRASES = [f"{colour} {kind}" for colour, kind in WorldSpec().held_out_pairs]
@@ -379,3 +379,45 @@ def test_the_tiny_config_matches_the_tokenizer_and_trains_on_world_samples(world
     loss.backward()
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is None  # frozen
     assert model.model.token_sampler.latents.grad is not None
+
+
+def test_a_larger_test_split_is_drawn_as_the_worlds_own(world, tmp_path):
+    from blip3.evaluation import load_synthetic
+
+    manifest = write_test_split(world, tmp_path / "larger", per_task=2 * SIZES.test_per_task)
+    counts = manifest["counts"]["test"]
+    assert {task: counts[task] for task in tasks.SINGLE_IMAGE_TASKS + tasks.MULTI_IMAGE_TASKS} == dict.fromkeys(
+        tasks.SINGLE_IMAGE_TASKS + tasks.MULTI_IMAGE_TASKS, 2 * SIZES.test_per_task
+    )
+    # POPE and safety in proportion: twice the images per POPE category (two questions each), twice the requests
+    assert counts["pope_random"] == 2 * 2 * SIZES.pope_test_per_category
+    assert sum(n for task, n in counts.items() if task.startswith("safety_")) == 2 * SIZES.safety_test
+    assert manifest["test_split_of"] == str(world.resolve()) and manifest["seed"] == 0
+    # the same generator: it begins with the world's own questions, then draws more
+    larger = load_json(tmp_path / "larger", "eval/test/single.json")
+    own = load_json(world, "eval/test/single.json")
+    assert larger[0]["conversations"] == own[0]["conversations"] and len(larger) == 2 * len(own)
+    assert any(record["held_out"] for record in larger)  # the test split asks about held-out pairs
+    for name in ("single", "multi", "pope", "safety"):
+        items = load_synthetic(tmp_path / "larger" / "eval" / "test" / f"{name}.json")
+        assert items and all(Path(image).is_file() for item in items for image in item.images)
+    # nothing is overwritten: a second split into the same folder stops before writing
+    before = (tmp_path / "larger" / "eval" / "test" / "single.json").read_bytes()
+    with pytest.raises(FileExistsError, match="holds a test split already"):
+        write_test_split(world, tmp_path / "larger", per_task=1)
+    assert (tmp_path / "larger" / "eval" / "test" / "single.json").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        write_test_split(tmp_path / "larger" / "eval", tmp_path / "other", per_task=1)
+
+
+def test_blip3_world_writes_a_test_split_and_refuses_settings_the_world_decides(world, tmp_path, capsys):
+    from blip3.cli import main
+
+    main(["world", str(tmp_path / "split"), "--test-split-of", str(world), "--per-task", "1"])
+    assert "1 per task" in capsys.readouterr().out
+    assert len(load_json(tmp_path / "split", "eval/test/single.json")) == len(tasks.SINGLE_IMAGE_TASKS)
+    with pytest.raises(SystemExit, match="--seed: a test split is drawn with the seed"):
+        main(["world", str(tmp_path / "other"), "--test-split-of", str(world), "--seed", "1"])
+    with pytest.raises(SystemExit, match="holds a test split already"):
+        main(["world", str(tmp_path / "split"), "--test-split-of", str(world)])
+    assert not (tmp_path / "other").exists()

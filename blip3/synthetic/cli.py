@@ -2,6 +2,7 @@
 tower, see which caption words a model reads off the image.
 
 blip3 world runs/world                    # the demo's world (≈20k small images, about half a minute)
+blip3 world runs/test-1500 --test-split-of runs/world --per-task 1500   # a larger test split of it
 blip3 stage0 runs/world --out runs/stage0 # a tiny SigLIP on its caption pairs (a few minutes on 2 cores)
 blip3 probe-captions runs/demo/stages/pretrain --world runs/world   # teacher-forced caption words
 """
@@ -15,11 +16,34 @@ from pathlib import Path
 
 def cmd_world(args) -> None:
     from blip3.synthetic.world import WorldSpec
-    from blip3.synthetic.write import WorldSizes, build_world
+    from blip3.synthetic.write import WorldSizes, build_world, write_test_split
 
-    sizes = WorldSizes.smoke() if args.sizes == "smoke" else WorldSizes.demo()
     start = time.perf_counter()
-    manifest = build_world(args.out, sizes, WorldSpec(tile_size=args.tile_size), seed=args.seed, workers=args.workers)
+    if args.test_split_of is not None:
+        given = [
+            flag
+            for flag, value in (("--seed", args.seed), ("--sizes", args.sizes), ("--tile-size", args.tile_size))
+            if value is not None
+        ]
+        if given:
+            raise SystemExit(
+                f"{', '.join(given)}: a test split is drawn with the seed, sizes and spec of {args.test_split_of}"
+            )
+        try:
+            manifest = write_test_split(args.test_split_of, args.out, args.per_task)
+        except (FileNotFoundError, FileExistsError, ValueError) as error:
+            raise SystemExit(f"blip3 world: {error}") from None
+        test = manifest["counts"]["test"]
+        print(
+            f"wrote a test split of {args.test_split_of} to {args.out} in {time.perf_counter() - start:.1f} s: "
+            f"{manifest['num_images']:,} images, {sum(test.values()):,} questions ({args.per_task:,} per task); "
+            f"evaluate with `blip3 eval CHECKPOINT --benchmark synthetic --data {args.out}/eval/test/single.json ...`"
+        )
+        return
+    sizes = WorldSizes.smoke() if args.sizes == "smoke" else WorldSizes.demo()
+    manifest = build_world(
+        args.out, sizes, WorldSpec(tile_size=args.tile_size or 56), seed=args.seed or 0, workers=args.workers
+    )
     seconds = time.perf_counter() - start
     test = manifest["counts"]["test"]
     print(
@@ -85,10 +109,24 @@ def add_commands(commands) -> None:
 
     world = commands.add_parser("world", help="build the synthetic vision-language world (data, splits, tokenizer)")
     world.add_argument("out", type=Path, help="folder to write the world into")
-    world.add_argument("--seed", type=int, default=0)
-    world.add_argument("--sizes", choices=["demo", "smoke"], default="demo", help="how many samples (default: demo)")
-    world.add_argument("--tile-size", type=int, default=56, help="the vision tower's tile side in pixels")
+    world.add_argument("--seed", type=int, default=None, help="default 0")
+    world.add_argument("--sizes", choices=["demo", "smoke"], default=None, help="how many samples (default: demo)")
+    world.add_argument(
+        "--tile-size", type=int, default=None, help="the vision tower's tile side in pixels (default 56)"
+    )
     world.add_argument("--workers", type=int, default=2, help="processes writing the parts in parallel")
+    world.add_argument(
+        "--test-split-of",
+        type=Path,
+        metavar="WORLD",
+        help="write only a larger test split of WORLD (its seed, sizes and spec), for finer comparisons",
+    )
+    world.add_argument(
+        "--per-task",
+        type=int,
+        default=1500,
+        help="with --test-split-of: questions per task (POPE, safety in proportion)",
+    )
     world.set_defaults(run=cmd_world)
 
     stage0 = commands.add_parser(

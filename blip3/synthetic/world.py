@@ -142,6 +142,15 @@ class WorldSpec:
     def is_held_out(self, pair: Pair) -> bool:
         return tuple(pair) in self.held_out_pairs
 
+    @classmethod
+    def from_dict(cls, values: dict) -> WorldSpec:
+        """The spec a world's manifest.json records (`dataclasses.asdict`, lists where the spec has tuples)."""
+
+        def tuples(value):
+            return tuple(tuples(item) for item in value) if isinstance(value, list) else value
+
+        return cls(**{name: tuples(value) for name, value in values.items()})
+
 
 @dataclass(frozen=True)
 class Shape:

@@ -611,6 +611,52 @@ def part_eval(job: _Job, split: str) -> PartResult:
     return result
 
 
+def write_test_split(world_dir: str | Path, out_dir: str | Path, per_task: int) -> dict:
+    """A test split drawn as `world_dir`'s own (its seed, spec and held-out pairs) with `per_task` questions
+    per task, POPE and safety questions in proportion, into `out_dir`; returns its manifest (also written).
+
+    For comparisons finer than the world's test split allows: on the demo's 60 questions per task an
+    accuracy near 50 % is known to about ±12 points, on 1,500 to ±2.5, and a paired change between two
+    models to about ±2 (docs/demo-findings.md). The same seeded generator draws it, so it begins with the
+    world's own test questions: a larger sample of the same distribution, of images no training part holds.
+    `out_dir` must not hold a test split already (nothing written is replaced).
+    """
+    from dataclasses import replace
+
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    manifest_file = world_dir / "manifest.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{world_dir} is not a world written by `blip3 world`: it has no manifest.json")
+    if per_task < 1:
+        raise ValueError(f"per_task must be at least 1, got {per_task}")
+    if (out_dir / "eval" / "test").exists() or (out_dir / "images" / "test").exists():
+        raise FileExistsError(f"{out_dir} holds a test split already; write the new one into another folder")
+    world = json.loads(manifest_file.read_text())
+    sizes = WorldSizes(**world["sizes"])
+    scale = per_task / sizes.test_per_task
+    sizes = replace(
+        sizes,
+        test_per_task=per_task,
+        pope_test_per_category=max(1, round(sizes.pope_test_per_category * scale)),
+        safety_test=max(1, round(sizes.safety_test * scale)),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = part_eval(_Job(out_dir, WorldSpec.from_dict(world["spec"]), sizes, world["seed"]), "test")
+    manifest = {
+        "test_split_of": str(world_dir.resolve()),
+        "seed": world["seed"],
+        "spec": world["spec"],
+        "sizes": asdict(sizes),
+        "held_out_pairs": world["held_out_pairs"],
+        "image_root": "images",
+        "num_images": result.num_images,
+        "counts": {"test": dict(sorted(result.counts["test"].items()))},
+        "files": result.files,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def scene_facets(scene: Scene) -> dict:
     """The breakdowns evaluation reports an image's questions by: how many shapes it holds (a question
     about one of four needs the model to find its object among them; docs/demo-findings.md)."""
