@@ -29,17 +29,20 @@ def cmd_world(args) -> None:
             raise SystemExit(
                 f"{', '.join(given)}: a test split is drawn with the seed, sizes and spec of {args.test_split_of}"
             )
+        per_task = args.per_task or 1500
         try:
-            manifest = write_test_split(args.test_split_of, args.out, args.per_task)
+            manifest = write_test_split(args.test_split_of, args.out, per_task)
         except (FileNotFoundError, FileExistsError, ValueError) as error:
             raise SystemExit(f"blip3 world: {error}") from None
         test = manifest["counts"]["test"]
         print(
             f"wrote a test split of {args.test_split_of} to {args.out} in {time.perf_counter() - start:.1f} s: "
-            f"{manifest['num_images']:,} images, {sum(test.values()):,} questions ({args.per_task:,} per task); "
+            f"{manifest['num_images']:,} images, {sum(test.values()):,} questions ({per_task:,} per task); "
             f"evaluate with `blip3 eval CHECKPOINT --benchmark synthetic --data {args.out}/eval/test/single.json ...`"
         )
         return
+    if args.per_task is not None:
+        raise SystemExit("--per-task sizes a test split: give it with --test-split-of WORLD")
     sizes = WorldSizes.smoke() if args.sizes == "smoke" else WorldSizes.demo()
     manifest = build_world(
         args.out, sizes, WorldSpec(tile_size=args.tile_size or 56), seed=args.seed or 0, workers=args.workers
@@ -124,8 +127,8 @@ def add_commands(commands) -> None:
     world.add_argument(
         "--per-task",
         type=int,
-        default=1500,
-        help="with --test-split-of: questions per task (POPE, safety in proportion)",
+        default=None,
+        help="with --test-split-of: questions per task, POPE and safety in proportion (default 1500)",
     )
     world.set_defaults(run=cmd_world)
 

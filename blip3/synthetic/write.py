@@ -35,7 +35,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -621,8 +621,6 @@ def write_test_split(world_dir: str | Path, out_dir: str | Path, per_task: int) 
     world's own test questions: a larger sample of the same distribution, of images no training part holds.
     `out_dir` must not hold a test split already (nothing written is replaced).
     """
-    from dataclasses import replace
-
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     manifest_file = world_dir / "manifest.json"
     if not manifest_file.is_file():
