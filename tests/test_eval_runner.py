@@ -227,6 +227,31 @@ def test_eval_command(tmp_path, world, saved_tiny, processor):
     )
 
 
+def test_eval_report_names_its_columns(tmp_path, world, processor):
+    scripted = ScriptedModel(processor.tokenizer, {"colour": "red<|end|>"})
+    items = load_synthetic(world)[:3]
+    for name in ("a", "b"):  # two runs whose checkpoints were both step-000150: the same label
+        evaluate(scripted, processor, items, label="step-000150", progress=False).save(tmp_path / f"{name}.json")
+    files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    with pytest.raises(SystemExit, match="labelled 'step-000150': name the columns with --labels"):
+        main(["eval-report", *files, "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="2 columns for 3 results files"):
+        main(["eval-report", *files, files[0], "--labels", "multi", "dpo", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+    main(["eval-report", *files, "--labels", "multi", "dpo", "--out", str(tmp_path / "r")])
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["stages"] == ["multi", "dpo"]
+
+
+def test_a_training_steps_checkpoint_is_labelled_by_its_run(tmp_path):
+    from blip3.evaluation.cli import default_label
+
+    assert default_label(tmp_path / "stages" / "dpo" / "checkpoints" / "step-000150") == "dpo/step-000150"
+    assert default_label(f"{tmp_path}/stages/dpo/checkpoints/step-000150/") == "dpo/step-000150"
+    assert default_label(tmp_path / "runs" / "merged") == "merged"
+    assert default_label("Salesforce/xgen-mm-phi3-mini-instruct-r-v1") == "xgen-mm-phi3-mini-instruct-r-v1"
+
+
 @pytest.mark.slow
 def test_eval_command_few_shot(tmp_path, world, saved_tiny):
     args = ["eval", str(saved_tiny), "--benchmark", "synthetic", "--data", str(world), "--max-new-tokens", "3"]

@@ -54,7 +54,10 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N items")
     evaluate.add_argument("--max-new-tokens", type=int, help="for every item (default: per metric)")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the choice of few-shot examples")
-    evaluate.add_argument("--label", help="the model's name in reports (default: the checkpoint folder's name)")
+    evaluate.add_argument(
+        "--label",
+        help="the model's name in reports (default: the checkpoint folder's name; a training step's is run/step-N)",
+    )
     evaluate.add_argument("--device", help="default: cuda when available, else cpu")
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
     evaluate.set_defaults(run=cmd_eval)
@@ -63,6 +66,7 @@ def add_commands(commands) -> None:
     report.add_argument("results", nargs="+", type=Path, help="results.json files, one column each, in this order")
     report.add_argument("--out", required=True, type=Path)
     report.add_argument("--title", default="blip3 evaluation")
+    report.add_argument("--labels", nargs="+", help="the columns' names, one per results file (default: their labels)")
     report.set_defaults(run=cmd_eval_report)
 
 
@@ -85,7 +89,7 @@ def cmd_eval(args) -> None:
     model_kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     model, processor = load_pretrained(args.checkpoint, **model_kwargs)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    label = args.label or Path(str(args.checkpoint).rstrip("/")).name
+    label = args.label or default_label(args.checkpoint)
     results = evaluate(
         model,
         processor,
@@ -105,10 +109,34 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out / 'results.json'}, {paths['markdown']}, {paths['plot']}")
 
 
+def default_label(checkpoint: str | Path) -> str:
+    """The checkpoint folder's name, or for a trainer's `<run>/checkpoints/step-N` folder `<run>/step-N`: every
+    training run names its checkpoints alike, so two runs' step folders would share a column name."""
+    from blip3.training.checkpoint import STEP_DIR
+
+    path = Path(str(checkpoint).rstrip("/"))
+    if STEP_DIR.match(path.name) and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name
+
+
 def cmd_eval_report(args) -> None:
     from blip3.evaluation.report import write_report
+    from blip3.evaluation.runner import EvalResults
 
-    paths = write_report(args.results, args.out, title=args.title)
+    results = [EvalResults.load(path) for path in args.results]
+    if args.labels is not None:
+        if len(args.labels) != len(results):
+            raise SystemExit(f"--labels names {len(args.labels)} columns for {len(results)} results files")
+        for result, label in zip(results, args.labels):
+            result.label = label
+    labels = [result.label for result in results]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise SystemExit(
+            f"two results files are labelled {', '.join(map(repr, repeated))}: name the columns with --labels"
+        )
+    paths = write_report(results, args.out, title=args.title)
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
 
 
