@@ -420,6 +420,8 @@ def test_blip3_world_writes_a_test_split_and_refuses_settings_the_world_decides(
         main(["world", str(tmp_path / "other"), "--test-split-of", str(world), "--seed", "1"])
     with pytest.raises(SystemExit, match="holds a test split already"):
         main(["world", str(tmp_path / "split"), "--test-split-of", str(world)])
+    with pytest.raises(SystemExit, match="per_task must be at least 1, got 0"):
+        main(["world", str(tmp_path / "other"), "--test-split-of", str(world), "--per-task", "0"])
     with pytest.raises(SystemExit, match="--per-task sizes a test split"):
         main(["world", str(tmp_path / "other"), "--per-task", "5"])
     assert not (tmp_path / "other").exists()

@@ -29,7 +29,7 @@ def cmd_world(args) -> None:
             raise SystemExit(
                 f"{', '.join(given)}: a test split is drawn with the seed, sizes and spec of {args.test_split_of}"
             )
-        per_task = args.per_task or 1500
+        per_task = 1500 if args.per_task is None else args.per_task
         try:
             manifest = write_test_split(args.test_split_of, args.out, per_task)
         except (FileNotFoundError, FileExistsError, ValueError) as error:
