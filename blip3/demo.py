@@ -62,9 +62,9 @@ PROFILES = {
 STAGES = ("pretrain", "sft", "multi", "dpo", "safety")
 # `blip3 demo --tags`: 900 steps on tag lists after pre-training, which teach the model to find an object by
 # its shape (colour questions need it); SFT then replays them, each naming an absent pair too. Not in the
-# default run: 2-3 min here, and of its two demos one paid for the colour gain elsewhere (colour +5 to +27
-# points at every stage of both; seed 0 position +15 to +22 and POPE hallucination -20 to -29, seed 1
-# position -17 and -27, boxes -18 and -20; docs/demo-findings.md).
+# default run: 2-3 min here, and both of its demos paid for the colour gain elsewhere (on 1,500 test
+# questions per task after SFT, seeds 0 / 1: colour +20 / +9 points, large text -17 / -11, boxes -5 / -6;
+# docs/demo-findings.md).
 WITH_TAGS = ("pretrain", "tags", "sft", "multi", "dpo", "safety")
 # Evaluated on the test split: every stage from SFT on. The pre-trained model has never seen a chat turn and
 # answers none of the questions (0 % on every task when it was evaluated); its validation loss says more.

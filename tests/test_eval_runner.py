@@ -241,6 +241,12 @@ def test_eval_report_names_its_columns(tmp_path, world, processor):
     main(["eval-report", *files, "--labels", "multi", "dpo", "--out", str(tmp_path / "r")])
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["stages"] == ["multi", "dpo"]
+    # one label over different tasks (a model on two benchmarks) is one column, not an error
+    others = [item for item in load_synthetic(world) if item.task not in {i.task for i in items}][:2]
+    answers_anything = ScriptedModel(processor.tokenizer, {"": "red<|end|>"})
+    evaluate(answers_anything, processor, others, label="step-000150", progress=False).save(tmp_path / "c.json")
+    main(["eval-report", files[0], str(tmp_path / "c.json"), "--out", str(tmp_path / "one")])
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["stages"] == ["step-000150"]
 
 
 def test_a_training_steps_checkpoint_is_labelled_by_its_run(tmp_path):

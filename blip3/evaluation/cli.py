@@ -130,13 +130,10 @@ def cmd_eval_report(args) -> None:
             raise SystemExit(f"--labels names {len(args.labels)} columns for {len(results)} results files")
         for result, label in zip(results, args.labels):
             result.label = label
-    labels = [result.label for result in results]
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
-    if repeated:
-        raise SystemExit(
-            f"two results files are labelled {', '.join(map(repr, repeated))}: name the columns with --labels"
-        )
-    paths = write_report(results, args.out, title=args.title)
+    try:  # one label may span several results (a model on several benchmarks), but not the same task twice
+        paths = write_report(results, args.out, title=args.title)
+    except ValueError as error:
+        raise SystemExit(f"blip3 eval-report: {error}") from None
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
 
 

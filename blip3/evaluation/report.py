@@ -46,9 +46,9 @@ def write_report(
     results = [r if isinstance(r, EvalResults) else EvalResults.load(r) for r in results]
     if not results:
         raise ValueError("no results to report")
+    table = collect(results)  # before anything is written: it refuses results that cannot share one table
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = collect(results)
     paths = {
         "json": out_dir / "report.json",
         "markdown": out_dir / "report.md",
@@ -78,7 +78,10 @@ def collect(results: Sequence[EvalResults], uncertainty: bool = True) -> dict[st
             if entry["metric"] != metric:
                 raise ValueError(f"task {task!r} is scored as {entry['metric']} in one result and {metric} in another")
             if result.label in entry["scores"]:
-                raise ValueError(f"two results label {result.label!r} report task {task!r}; give each a distinct label")
+                raise ValueError(
+                    f"two results are labelled {result.label!r}: name the columns with --labels (blip3 eval-report) or "
+                    f"give each a distinct label; both report task {task!r}"
+                )
             entry["scores"][result.label] = summary
     if not uncertainty:
         return {"stages": stages, "tasks": tasks, "settings": settings}
